@@ -1,0 +1,67 @@
+"""`shelfsight export ...`: build checkpoints and lay out the Triton repository."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shelfsight.errors import AlreadyExists, InvalidArgument
+
+
+def register(sub) -> None:
+    export = sub.add_parser("export", help="build, quantize and package checkpoints")
+    esub = export.add_subparsers(dest="export_command", required=True, parser_class=type(export))
+
+    tiny = esub.add_parser("tiny", help="write a random-weight Qwen3-VL checkpoint in the real format")
+    tiny.add_argument("--out", required=True, type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shape", choices=("tiny", "2b"), default="tiny",
+                      help="tiny (~20 M parameters) or the exact Qwen3-VL-2B shape (for GPU benchmarks)")
+    tiny.add_argument("--device", default="cpu", help="where to initialise the weights (cuda for 2b)")
+    tiny.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    tiny.set_defaults(func=cmd_tiny)
+
+    q = esub.add_parser("quantize", help="bf16 / int8 / int4 (GPTQ) checkpoint with a fidelity manifest")
+    q.add_argument("--model", required=True, type=Path, help="a bf16 Qwen3-VL checkpoint directory")
+    q.add_argument("--scheme", required=True, choices=("bf16", "int8", "int4"))
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--calibration", type=Path,
+                   help="folder of product photos (+ optional questions.jsonl / questions.txt); "
+                        "default: built-in synthetic product renders")
+    q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
+    q.add_argument("--heldout", type=int, default=8, help="synthetic held-out samples for fidelity")
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    q.set_defaults(func=cmd_quantize)
+
+
+def cmd_tiny(args) -> int:
+    from shelfsight.export import tiny
+    from shelfsight.export.quantize import Staging
+
+    staging = Staging(args.out, args.force)
+    try:
+        tiny.build(staging.path, shape=args.shape, seed=args.seed, device=args.device)
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    print(f"wrote a random {args.shape} Qwen3-VL checkpoint (seed {args.seed}) to {args.out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import sys
+
+    from shelfsight.export.quantize import QuantizeJob, run
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manifest = run(QuantizeJob(model=args.model, scheme=args.scheme, out=args.out,
+                               calibration=args.calibration, samples=args.samples, heldout=args.heldout,
+                               force=args.force, device=args.device),
+                   log=lambda msg: print(msg, file=sys.stderr))
+    summary = {k: manifest[k] for k in ("scheme", "method", "time_s", "fidelity")}
+    if "fidelity_rtn" in manifest:
+        summary["fidelity_rtn"] = manifest["fidelity_rtn"]
+    print(json.dumps(summary, indent=1))
+    return 0

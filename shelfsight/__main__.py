@@ -1,0 +1,5 @@
+import sys
+
+from shelfsight.cli import main
+
+sys.exit(main())

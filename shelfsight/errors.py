@@ -1,0 +1,71 @@
+"""Typed errors, shared end to end: raised inside, turned into a gRPC status at the gateway, a Triton
+per-request error inside models, exit code 2 at the command line, and one exception class per kind in
+the client. The `code` names are gRPC status names so that each boundary maps them without a table."""
+from __future__ import annotations
+
+
+class ShelfsightError(Exception):
+    """Base class. `code` is the gRPC status name that this failure travels as."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(ShelfsightError):
+    """The caller sent something unusable: bad image, bad parameter, bad path or option."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ShelfsightError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ShelfsightError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ShelfsightError):
+    """The system is not in a state to do this (e.g. a checkpoint that is not Qwen3-VL)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ShelfsightError):
+    """Over a limit that protects the service: too many requests in flight, image too large."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ShelfsightError):
+    """A dependency (Triton, the model) is down or not ready; retrying later may work."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ShelfsightError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ShelfsightError):
+    code = "CANCELLED"
+
+
+class Internal(ShelfsightError):
+    code = "INTERNAL"
+
+
+BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                                     ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled,
+                                     Internal)}
+
+
+def from_code(code: str, message: str) -> ShelfsightError:
+    """Rebuild a typed error from its code name (e.g. parsed out of a Triton error message)."""
+    return BY_CODE.get(code, Internal)(message)
