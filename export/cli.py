@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-from shelfsight.errors import AlreadyExists, InvalidArgument
 
 
 def register(sub) -> None:
@@ -34,18 +33,27 @@ def register(sub) -> None:
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
 
+    r = esub.add_parser("repository", help="lay out the Triton model repository for a checkpoint")
+    r.add_argument("--model", required=True, type=Path, help="a Qwen3-VL checkpoint (bf16, int8 or int4)")
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
+    r.add_argument("--preprocess-instances", type=int, default=2)
+    r.add_argument("--collect-instances", type=int, default=4)
+    r.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
+    r.add_argument("--max-pixels", type=int, default=1_048_576,
+                   help="resize pictures to at most this many pixels (1,024 visual tokens by default)")
+    r.add_argument("--min-pixels", type=int, default=65_536)
+    r.add_argument("--max-new-tokens", type=int, default=256, help="default answer length")
+    r.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    r.set_defaults(func=cmd_repository)
+
 
 def cmd_tiny(args) -> int:
     from shelfsight.export import tiny
-    from shelfsight.export.quantize import Staging
+    from shelfsight.export.staging import Staging
 
-    staging = Staging(args.out, args.force)
-    try:
+    with Staging(args.out, args.force) as staging:
         tiny.build(staging.path, shape=args.shape, seed=args.seed, device=args.device)
-        staging.commit()
-    except BaseException:
-        staging.discard()
-        raise
     print(f"wrote a random {args.shape} Qwen3-VL checkpoint (seed {args.seed}) to {args.out}")
     return 0
 
@@ -64,4 +72,16 @@ def cmd_quantize(args) -> int:
     if "fidelity_rtn" in manifest:
         summary["fidelity_rtn"] = manifest["fidelity_rtn"]
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_repository(args) -> int:
+    from shelfsight.export.repository import RepositoryJob, build
+
+    served = build(RepositoryJob(model=args.model, out=args.out, device=args.device,
+                                 preprocess_instances=args.preprocess_instances,
+                                 collect_instances=args.collect_instances, max_batch=args.max_batch,
+                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                 max_new_tokens=args.max_new_tokens, force=args.force))
+    print(f"wrote {args.out}: {served.model_id} ({served.scheme}) on {served.device}, {served.dtype}")
     return 0

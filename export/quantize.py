@@ -22,8 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shelfsight import checkpoint
-from shelfsight.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
+from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument
 from shelfsight.export import calibration, fidelity
+from shelfsight.export.staging import Staging
 
 SCHEMES = {"bf16": None, "int8": (8, -1), "int4": (4, 128)}
 FIDELITY_MAX_PIXELS = calibration.MAX_PIXELS
@@ -49,31 +50,6 @@ def export_python() -> Path:
     if not py.exists():
         raise FailedPrecondition(f"the export environment is missing ({py}); run `make env` to build it")
     return py
-
-
-class Staging:
-    """A hidden sibling folder that becomes `out` on commit, and vanishes on any failure."""
-
-    def __init__(self, out: Path, force: bool):
-        if out.exists() and not out.is_dir():
-            raise InvalidArgument(f"--out {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise AlreadyExists(f"--out {out} exists and is not empty; pass --force to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.out = out
-        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-    def commit(self) -> None:
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            self.out.rename(old)
-        self.path.rename(self.out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

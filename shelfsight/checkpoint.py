@@ -113,8 +113,8 @@ def quantized_modules(path: Path, bits: int) -> dict:
     return {name: unpack(t, bits) for name, t in groups.items()}
 
 
-def load_model(path: str | Path, device: str = "cpu", reference: bool = False):
-    """Load any served checkpoint for inference (eval mode, bf16 compute).
+def load_model(path: str | Path, device: str = "cpu", reference: bool = False, dtype: str = "bfloat16"):
+    """Load any served checkpoint for inference (eval mode), computing in `dtype`.
 
     reference=True loads quantized weights as dense dequantized linears: the same numbers through
     plain matmuls, which parity tests run transformers' own generate() on.
@@ -128,9 +128,10 @@ def load_model(path: str | Path, device: str = "cpu", reference: bool = False):
 
     info = inspect(path)
     dev = torch.device(device)
+    compute = getattr(torch, dtype)
     config = AutoConfig.from_pretrained(info.path)
     if info.scheme == "bf16":
-        model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=compute)
         return model.to(dev).eval()
     # Without its quantization block transformers builds plain linears for the decoder: their packed
     # tensors go unused and the dense weights start random, until replaced below. Say so once, quietly.
@@ -138,7 +139,7 @@ def load_model(path: str | Path, device: str = "cpu", reference: bool = False):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=compute)
     finally:
         hf_logging.set_verbosity(level)
     modules = quantized_modules(info.path, info.bits)
@@ -150,7 +151,7 @@ def load_model(path: str | Path, device: str = "cpu", reference: bool = False):
     model = model.to(dev)
     for name, q in modules.items():
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, make_linear(q, dev, torch.bfloat16, reference))
+        setattr(model.get_submodule(parent_name), leaf, make_linear(q, dev, compute, reference))
     logging.getLogger(__name__).info("loaded %s (%s, %d quantized linears) on %s",
                                      info.path, info.scheme, len(modules), dev)
     return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from shelfsight.errors import ShelfsightError
 
@@ -24,7 +25,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="shelfsight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     export_cli.register(sub)
+    register_triton(sub)
     return parser
+
+
+def register_triton(sub) -> None:
+    t = sub.add_parser("triton", help="run the bundled tritonserver on a repository until Ctrl-C/SIGTERM")
+    t.add_argument("--repo", required=True, type=Path)
+    t.add_argument("--grpc-port", type=int, default=8001)
+    t.add_argument("--http-port", type=int, default=8000)
+    t.add_argument("--metrics-port", type=int, default=8002)
+    t.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    t.set_defaults(func=cmd_triton)
+
+
+def cmd_triton(args) -> int:
+    import signal
+    import threading
+
+    from shelfsight.tritonserver import TritonServer, TritonSettings
+
+    server = TritonServer(TritonSettings(repo=args.repo, grpc_port=args.grpc_port, http_port=args.http_port,
+                                         metrics_port=args.metrics_port, host=args.host))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"tritonserver ready: grpc {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}",
+          flush=True)
+    while not stop.is_set():
+        if server.proc.poll() is not None:
+            print(f"tritonserver exited ({server.proc.returncode}):\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        stop.wait(0.5)
+    rc = server.stop()
+    print(f"tritonserver stopped (exit code {rc})", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@ per-request error inside models, exit code 2 at the command line, and one except
 the client. The `code` names are gRPC status names so that each boundary maps them without a table."""
 from __future__ import annotations
 
+import re
+
 
 class ShelfsightError(Exception):
     """Base class. `code` is the gRPC status name that this failure travels as."""
@@ -69,3 +71,12 @@ BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, F
 def from_code(code: str, message: str) -> ShelfsightError:
     """Rebuild a typed error from its code name (e.g. parsed out of a Triton error message)."""
     return BY_CODE.get(code, Internal)(message)
+
+
+_CODED = re.compile(r"\b(" + "|".join(BY_CODE) + r"): (.*)", re.S)
+
+
+def parse(message: str) -> ShelfsightError | None:
+    """Recover a typed error from text of the form "...CODE: message" (Triton error strings), or None."""
+    m = _CODED.search(message or "")
+    return from_code(m.group(1), m.group(2).strip()) if m else None

@@ -88,9 +88,11 @@ def cjk_available() -> bool:
     return any(Path(p).exists() for p in CJK_FONTS)
 
 
-def make_product(rng: random.Random, category: str | None = None, script: str | None = None) -> Product:
+def make_product(rng: random.Random, category: str | None = None, script: str | None = None,
+                 scripts: tuple[str, ...] = ("latin",)) -> Product:
+    """A random product; its writing is `script`, else drawn from `scripts` (CJK needs a CJK font)."""
     category = category or rng.choice(CATEGORIES)
-    script = script or rng.choice(("latin", "latin", "zh", "ja"))
+    script = script or rng.choice(scripts)
     colour = rng.choice(sorted(COLOURS))
     return Product(category=category, kind=rng.choice(KINDS[category]),
                    brand=rng.choice(BRANDS[script]), colour=colour, spec=rng.choice(SPECS[category]),

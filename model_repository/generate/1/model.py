@@ -1,0 +1,128 @@
+"""Triton adapter: model inputs -> streamed text (decoupled).
+
+execute() only hands requests to shelfsight.engine.Engine and returns; the engine batches them
+continuously on its own thread and streams each request's text deltas back through its response
+sender, the last response flagged final. Engine metrics are exported as Triton custom metrics.
+"""
+import numpy as np
+import torch
+
+from shelfsight import manifest as manifest_mod
+from shelfsight.checkpoint import load_model
+from shelfsight.engine import Engine, Observer, Request
+from shelfsight.errors import InvalidArgument
+from shelfsight.params import GenerationParams
+from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor
+
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+class Sink:
+    """Engine output -> Triton responses for one request."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+    def send(self, delta, prompt_tokens, completion_tokens, finish_reason):
+        self.sender.send(pb_utils.InferenceResponse([
+            tensor("TEXT", np.array([[delta.encode("utf-8")]], dtype=object)),
+            tensor("PROMPT_TOKENS", np.array([[prompt_tokens]], dtype=np.int32)),
+            tensor("COMPLETION_TOKENS", np.array([[completion_tokens]], dtype=np.int32)),
+            tensor("FINISH_REASON", np.array([[(finish_reason or "").encode()]], dtype=object)),
+        ]), flags=FINAL if finish_reason else 0)
+
+    def fail(self, error):
+        self.sender.send(error_response(error), flags=FINAL)
+
+
+class TritonObserver(Observer):
+    """Engine events -> Prometheus families on Triton's metrics port (names per notes/anchors.md)."""
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+
+        self._families = []  # a MetricFamily must outlive its Metrics: keep them all here
+
+        def family(name, kind, doc):
+            self._families.append(pb_utils.MetricFamily(name=name, description=doc, kind=kind))
+            return self._families[-1]
+
+        H, C, G = pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.ttft = family("shelfsight_engine_time_to_first_token_seconds", H, "Arrival to first token").Metric(
+            labels=labels, buckets=LATENCY_BUCKETS)
+        self.e2e = family("shelfsight_engine_e2e_request_latency_seconds", H, "Arrival to last token").Metric(
+            labels=labels, buckets=LATENCY_BUCKETS)
+        self.tpot = family("shelfsight_engine_time_per_output_token_seconds", H,
+                           "Decode time per output token after the first").Metric(
+            labels=labels, buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5])
+        self.prompt = family("shelfsight_engine_prompt_tokens_total", C, "Prompt tokens processed").Metric(labels=labels)
+        self.completion = family("shelfsight_engine_generation_tokens_total", C, "Tokens generated").Metric(labels=labels)
+        self.running = family("shelfsight_engine_requests_running", G, "Rows in the decoding batch").Metric(labels=labels)
+        self.waiting = family("shelfsight_engine_requests_waiting", G, "Requests queued for the engine").Metric(labels=labels)
+        vc = family("shelfsight_engine_vision_cache_lookups_total", C, "Vision-feature cache lookups by result")
+        self.vc_hit, self.vc_miss = vc.Metric(labels={**labels, "result": "hit"}), vc.Metric(labels={**labels, "result": "miss"})
+
+    def first_token(self, seconds):
+        self.ttft.observe(seconds)
+
+    def finished(self, prompt_tokens, completion_tokens, e2e_seconds, decode_seconds):
+        self.e2e.observe(e2e_seconds)
+        self.prompt.increment(prompt_tokens)
+        self.completion.increment(completion_tokens)
+        if completion_tokens > 1:
+            self.tpot.observe(decode_seconds / (completion_tokens - 1))
+
+    def step(self, running, waiting):
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def vision_cache(self, hit):
+        (self.vc_hit if hit else self.vc_miss).increment(1)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        m = self.manifest = manifest_mod.load(model_dir_repo(args))
+        if m.device == "cpu":
+            torch.set_num_threads(max(1, m.generate_threads))
+        device = m.device
+        if device == "cuda" and args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        from transformers import AutoTokenizer
+
+        model = load_model(m.checkpoint, device=device, dtype=m.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(m.checkpoint)
+        self.engine = Engine(model, tokenizer, m.engine, TritonObserver(args["model_name"]))
+        self.engine.start()
+
+    def _request(self, request) -> Request:
+        seed = scalar(request, "seed", int)
+        params = GenerationParams(
+            max_new_tokens=scalar(request, "max_new_tokens", int), temperature=scalar(request, "temperature", float),
+            top_p=scalar(request, "top_p", float), top_k=scalar(request, "top_k", int),
+            repetition_penalty=scalar(request, "repetition_penalty", float), seed=None if seed is None or seed < 0 else seed)
+        ids, pixels, grid = array(request, "input_ids"), array(request, "pixel_values"), array(request, "image_grid_thw")
+        if ids is None or pixels is None or grid is None:
+            raise InvalidArgument("input_ids, pixel_values and image_grid_thw are required")
+        key = scalar(request, "image_key", lambda v: v.decode() if isinstance(v, bytes) else str(v))
+        return Request(input_ids=torch.from_numpy(ids.reshape(-1).astype(np.int64)),
+                       pixel_values=torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])),
+                       grid_thw=torch.from_numpy(grid.reshape(-1).astype(np.int64)),
+                       image_key=key or "", params=params, sink=Sink(request.get_response_sender()))
+
+    def execute(self, requests):
+        for request in requests:
+            try:
+                self.engine.submit(self._request(request))
+            except Exception as e:
+                request.get_response_sender().send(error_response(e), flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.stop()

@@ -1,0 +1,60 @@
+"""Triton adapter: image bytes + question (+ optional parameters) -> model inputs.
+
+The work is shelfsight.preprocessing.Preprocessor; this file only moves tensors. Requests of one
+batch are processed on a small thread pool (Pillow and torch release the GIL while decoding and
+resizing). A bad request gets its own error; the rest of the batch is unaffected.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from shelfsight import manifest as manifest_mod
+from shelfsight import params
+from shelfsight.preprocessing import load_preprocessor
+from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.manifest = manifest_mod.load(model_dir_repo(args))
+        m = self.manifest
+        torch.set_num_threads(max(1, m.preprocess_threads))
+        self.pre = load_preprocessor(m.checkpoint, m.pixels.min_pixels, m.pixels.max_pixels, m.image_limits, m.limits)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, m.preprocess_threads), thread_name_prefix="preprocess")
+
+    def _one(self, request):
+        try:
+            image = array(request, "IMAGE")
+            if image is None:
+                raise params.InvalidArgument("IMAGE is missing")
+            gen = params.resolve(
+                self.manifest.generation, self.manifest.limits,
+                max_new_tokens=scalar(request, "MAX_NEW_TOKENS", int), temperature=scalar(request, "TEMPERATURE", float),
+                top_p=scalar(request, "TOP_P", float), top_k=scalar(request, "TOP_K", int),
+                repetition_penalty=scalar(request, "REPETITION_PENALTY", float), seed=scalar(request, "SEED", int))
+            enhance = bool(scalar(request, "ENHANCE", bool) or False)
+            inputs = self.pre(image.reshape(-1).tobytes(), text(request, "QUESTION", required=True),
+                              text(request, "SYSTEM"), enhance)
+            return pb_utils.InferenceResponse([
+                tensor("input_ids", inputs.input_ids[None]),
+                tensor("pixel_values", inputs.pixel_values[None]),
+                tensor("image_grid_thw", inputs.image_grid_thw[None]),
+                tensor("image_key", np.array([[inputs.image_key.encode()]], dtype=object)),
+                tensor("max_new_tokens", np.array([[gen.max_new_tokens]], dtype=np.int32)),
+                tensor("temperature", np.array([[gen.temperature]], dtype=np.float32)),
+                tensor("top_p", np.array([[gen.top_p]], dtype=np.float32)),
+                tensor("top_k", np.array([[gen.top_k]], dtype=np.int32)),
+                tensor("repetition_penalty", np.array([[gen.repetition_penalty]], dtype=np.float32)),
+                tensor("seed", np.array([[-1 if gen.seed is None else gen.seed]], dtype=np.int64)),
+            ])
+        except Exception as e:  # typed errors keep their code; anything else becomes INTERNAL
+            return error_response(e)
+
+    def execute(self, requests):
+        return list(self.pool.map(self._one, requests))
+
+    def finalize(self):
+        self.pool.shutdown(wait=False)

@@ -1,0 +1,66 @@
+"""The serving manifest: everything the Triton models of one repository need to know, written once by
+`shelfsight export repository` as `<repo>/shelfsight.json` and read once by each model at start-up.
+It is that process's settings object (frozen): checkpoint, scheme, device, generation defaults,
+pixel and text limits, engine sizes."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from shelfsight.engine import EngineConfig
+from shelfsight.errors import FailedPrecondition
+from shelfsight.imaging import ImageLimits
+from shelfsight.params import GenerationParams, Limits
+
+FILENAME = "shelfsight.json"
+FORMAT = "shelfsight.repository/1"
+
+
+@dataclass(frozen=True)
+class PixelBounds:
+    min_pixels: int = 65_536  # 64 visual tokens
+    max_pixels: int = 1_048_576  # 1,024 visual tokens
+
+
+@dataclass(frozen=True)
+class ServingManifest:
+    checkpoint: str
+    fingerprint: str
+    model_id: str  # what caches and clients key on: name@fingerprint prefix
+    scheme: str
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # compute dtype: bf16 on GPU; fp32 on CPU (see README: batch invariance)
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    limits: Limits = field(default_factory=Limits)
+    pixels: PixelBounds = field(default_factory=PixelBounds)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    preprocess_threads: int = 1
+    generate_threads: int = 2  # torch intra-op threads of the generate process on CPU
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ServingManifest":
+        nested = {"generation": GenerationParams, "limits": Limits, "pixels": PixelBounds,
+                  "image_limits": ImageLimits, "engine": EngineConfig}
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            kwargs[f.name] = nested[f.name](**value) if f.name in nested else value
+        return cls(**kwargs)
+
+
+def load(repo: str | Path) -> ServingManifest:
+    path = Path(repo) / FILENAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FailedPrecondition(f"{path} is missing: lay the repository out with `shelfsight export repository`") from None
+    if raw.get("format") != FORMAT:
+        raise FailedPrecondition(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    return ServingManifest.from_dict(raw)

@@ -1,0 +1,180 @@
+"""Start and stop the real tritonserver bundled in the `nvidia-pytriton` wheel (no Docker).
+
+What it takes (shared/notes/triton-from-pypi.md): a backends dir of *symlinks* to the Python backend
+and the stub for this Python (a copied stub loses its RPATH); this venv's bin first in PATH (the stub
+runs the `python3` it finds there and reads pyvenv.cfg); LD_LIBRARY_PATH holding this interpreter's
+libpython; unique shared-memory names, removed after exit. A stub that cannot load a library leaves
+the server "loading" forever, so readiness is awaited with a deadline while the log is watched.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shelfsight.errors import FailedPrecondition, Unavailable
+
+FATAL_LOG_LINES = ("error while loading shared libraries", "failed to load all models",
+                   "Address already in use", "failed to start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bundle_dir() -> Path:
+    # Located, not imported: the wheel is installed without its Python dependencies (we only use the
+    # server binary), so importing `pytriton` would fail.
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition("nvidia-pytriton is not installed in this environment; run `make env`")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    repo: Path
+    grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    startup_timeout: float = 300.0
+    exit_timeout: int = 5
+    log_path: Path | None = None  # default: <tempdir>/tritonserver.log
+    extra_args: tuple[str, ...] = ()
+
+
+class TritonServer:
+    def __init__(self, settings: TritonSettings):
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+        self.shm_prefix = f"shelfsight_{uuid.uuid4().hex[:10]}_"
+        self._workdir = Path(tempfile.mkdtemp(prefix="shelfsight-triton-"))
+        self.log_path = settings.log_path or self._workdir / "tritonserver.log"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
+
+    def _backends(self) -> Path:
+        bundle = bundle_dir()
+        py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        stub = bundle / "python_backend_stubs" / py / "triton_python_backend_stub"
+        if not stub.exists():
+            raise FailedPrecondition(f"the bundled Triton has no Python backend stub for Python {py}")
+        target = self._workdir / "backends" / "python"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (bundle / "backends" / "python" / "libtriton_python.so",
+                    bundle / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            (target / src.name).symlink_to(src)
+        return target.parent
+
+    def command(self) -> list[str]:
+        s = self.settings
+        bundle = bundle_dir()
+        return [str(bundle / "bin" / "tritonserver"),
+                f"--model-repository={Path(s.repo).resolve()}",
+                f"--backend-directory={self._backends()}",
+                f"--cache-directory={bundle / 'caches'}",
+                f"--grpc-port={s.grpc_port}", f"--http-port={s.http_port}", f"--metrics-port={s.metrics_port}",
+                f"--grpc-address={s.host}", f"--http-address={s.host}", f"--metrics-address={s.host}",
+                f"--exit-timeout-secs={s.exit_timeout}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
+                *s.extra_args]
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        libdir = sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def start(self) -> "TritonServer":
+        if not (Path(self.settings.repo) / "shelfsight.json").exists():
+            raise FailedPrecondition(f"{self.settings.repo} is not a shelfsight repository (no shelfsight.json)")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.environment(), start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait_ready(self) -> None:
+        url = f"http://{self.settings.host}:{self.settings.http_port}/v2/health/ready"
+        deadline = time.monotonic() + self.settings.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Unavailable(f"tritonserver exited with code {self.proc.returncode} while starting:\n"
+                                  f"{self.log_tail()}")
+            text = self.log_path.read_text(errors="replace")
+            for line in FATAL_LOG_LINES:
+                if line in text:
+                    raise Unavailable(f"tritonserver failed to start ({line}):\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise Unavailable(f"tritonserver was not ready after {self.settings.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """SIGTERM (in-flight requests finish), then SIGKILL after a grace period; clean up shm."""
+        rc = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(self.settings.exit_timeout + 15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                rc = self.proc.wait()
+        elif self.proc:
+            rc = self.proc.returncode
+        if self.proc:  # stubs are in the server's process group; none must outlive it
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return rc
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
