@@ -52,6 +52,15 @@ def patch_dim(config: dict) -> int:
     return v.get("in_channels", 3) * v.get("temporal_patch_size", qwen.TEMPORAL_PATCH_SIZE) * patch * patch
 
 
+def public_json(served: manifest.ServingManifest) -> str:
+    """The client-facing part of the manifest, escaped for a protobuf text-format string."""
+    from dataclasses import asdict
+
+    doc = {k: v for k, v in asdict(served).items() if k in ("model_id", "scheme", "generation", "limits",
+                                                           "pixels", "image_limits")}
+    return json.dumps(doc, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"')
+
+
 def build(job: RepositoryJob) -> manifest.ServingManifest:
     if job.device not in ("cpu", "gpu"):
         raise InvalidArgument(f"--device must be cpu or gpu, got {job.device!r}")
@@ -77,6 +86,7 @@ def build(job: RepositoryJob) -> manifest.ServingManifest:
                        vision_cache_bytes=(1 << 30) if gpu else (256 << 20)),
     )
     values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(info.config),
+              "SERVING_JSON": public_json(served),
               "PREPROCESS_INSTANCES": job.preprocess_instances, "COLLECT_INSTANCES": job.collect_instances,
               "GENERATE_KIND": "KIND_GPU" if gpu else "KIND_CPU"}
     with Staging(job.out, job.force) as staging:

@@ -20,12 +20,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shelfsight.client import cli as client_cli
     from shelfsight.export import cli as export_cli
+    from shelfsight.gateway import cli as gateway_cli
 
-    parser = Parser(prog="shelfsight", description=__doc__.splitlines()[0])
+    parser = Parser(prog="shelfsight", description="Serve Qwen3-VL for e-commerce product recognition: "
+                    "export and quantize checkpoints, run Triton and the caching gRPC gateway, ask questions.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     export_cli.register(sub)
     register_triton(sub)
+    gateway_cli.register(sub)
+    client_cli.register(sub)
     return parser
 
 
@@ -51,8 +56,8 @@ def cmd_triton(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    print(f"tritonserver ready: grpc {server.grpc_url}, metrics {server.metrics_url}; log {server.log_path}",
-          flush=True)
+    print(f"tritonserver ready: grpc {server.grpc_url}, metrics {server.metrics_url}; "
+          f"shm prefix {server.shm_prefix}; log {server.log_path}", flush=True)
     while not stop.is_set():
         if server.proc.poll() is not None:
             print(f"tritonserver exited ({server.proc.returncode}):\n{server.log_tail()}", file=sys.stderr)

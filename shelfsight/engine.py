@@ -357,7 +357,7 @@ class Engine:
                 row.first_token_at = now
                 self.observer.first_token(now - req.arrival)
             finish = None
-            if tok in qwen.EOS_IDS:
+            if tok in qwen.EOS_IDS and not req.params.ignore_eos:
                 finish = "stop"
                 delta = row.detok.flush()
             else:

@@ -18,8 +18,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from shelfsight.errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-# Pillow's own decoder names: MPO is how Pillow opens multi-picture JPEGs from phone cameras.
-PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
+# Pillow's decoders allowed to open request bytes (its JPEG opener also yields phone-camera MPO files).
+PIL_FORMATS = FORMATS
+Image.init()  # register every plugin now: `formats=` only finds decoders that are already loaded
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class GenerationParams:
     top_k: int = 20
     repetition_penalty: float = 1.1
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks only (fixed-length answers); never set from a request
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ Shapes: pixel_values [grid_h * grid_w, 3 * 2 * 16 * 16] float32; input_ids [L] i
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,9 @@ class Patchifier:
 
     def __call__(self, rgb) -> tuple[torch.Tensor, tuple[int, int, int]]:
         pol = self.policy
-        hwc = torch.from_numpy(np.asarray(rgb))  # [H, W, 3] uint8
+        with warnings.catch_warnings():  # Pillow's buffer is read-only; nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            hwc = torch.from_numpy(np.asarray(rgb))  # [H, W, 3] uint8
         h, w = hwc.shape[:2]
         H, W = pol.target_size(h, w)
         if (H, W) != (h, w):

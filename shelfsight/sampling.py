@@ -39,6 +39,22 @@ def _top_p_keep(sorted_desc: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return ~drop.flip(-1)
 
 
+def candidates(scaled: torch.Tensor, top_k: list[int], top_p: list[float]):
+    """The tokens top-k then top-p keep, per row of temperature-scaled logits [S, V].
+
+    Every token either filter can keep lies among the row's k largest (all V when top_k is 0), so the
+    work happens on those only: the same kept set as filtering the whole vocabulary, at a fraction of
+    the sort. Returns (values [S, K] descending, vocabulary indices [S, K], keep [S, K] bool).
+    """
+    dev, vocab = scaled.device, scaled.shape[-1]
+    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev)
+    values, indices = scaled.topk(int(ks.max()), dim=-1)
+    keep = values >= values.gather(1, (ks - 1)[:, None])  # transformers keeps ties with the k-th too
+    masked = values.masked_fill(~keep, float("-inf"))
+    keep &= _top_p_keep(masked, torch.tensor(top_p, device=dev, dtype=scaled.dtype))
+    return values, indices, keep
+
+
 def choose(logits: torch.Tensor, seen: torch.Tensor, rows: list[GenerationParams],
            generators: list[torch.Generator]) -> torch.Tensor:
     """Next token per row -> [B] int64."""
@@ -49,22 +65,10 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, rows: list[GenerationParams
     sampled = [i for i, r in enumerate(rows) if not r.greedy]
     if not sampled:
         return out
-    idx = torch.tensor(sampled, device=dev)
-    sub = logits[idx] / torch.tensor([rows[i].temperature for i in sampled], device=dev)[:, None]
-    vocab = sub.shape[-1]
-    # Every candidate that top-k or top-p can keep lies among the k largest, so work on those only:
-    # the same kept set as filtering the whole vocabulary, at a fraction of the sort.
-    ks = [rows[i].top_k if rows[i].top_k > 0 else vocab for i in sampled]
-    kmax = max(ks)
-    values, indices = sub.topk(kmax, dim=-1)  # [S, kmax], descending
-    keep = torch.arange(kmax, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]
-    # transformers' top-k keeps ties with the k-th value too
-    kth = values.gather(1, (torch.tensor(ks, device=dev) - 1)[:, None])
-    keep |= values >= kth
-    top_p = torch.tensor([rows[i].top_p for i in sampled], device=dev, dtype=sub.dtype)
-    masked = values.masked_fill(~keep, float("-inf"))
-    keep &= _top_p_keep(masked, top_p)
-    probs = masked.masked_fill(~keep, float("-inf")).softmax(-1)
+    temperature = torch.tensor([rows[i].temperature for i in sampled], device=dev, dtype=logits.dtype)
+    scaled = logits[torch.tensor(sampled, device=dev)] / temperature[:, None]
+    values, indices, keep = candidates(scaled, [rows[i].top_k for i in sampled], [rows[i].top_p for i in sampled])
+    probs = values.masked_fill(~keep, float("-inf")).softmax(-1)
     for j, i in enumerate(sampled):
         pick = torch.multinomial(probs[j], 1, generator=generators[i])
         out[i] = indices[j, pick[0]]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 CATEGORIES = ("digital", "home", "apparel", "beauty", "food_drink", "books_stationery")
@@ -166,9 +167,10 @@ def render(product: Product, size: tuple[int, int] = (448, 448), seed: int = 0,
     _text_centered(d, (x0 + 6, label_top + int(unit * 1.8), x1 - 6, 0), product.label, unit, product.script, ink)
     _text_centered(d, (x0 + 6, label_top + int(unit * 3.1), x1 - 6, 0), product.spec, int(unit * 0.9),
                    "latin", ink)
-    # mild sensor noise so that no two renders are pixel-identical by accident
-    noise = Image.effect_noise(size, 6).convert("RGB")
-    img = Image.blend(img, noise, 0.04)
+    # mild sensor noise so that no two renders are pixel-identical by accident; drawn from the
+    # render's own seed (Pillow's effect_noise uses C rand() and would break determinism)
+    noise = np.random.default_rng(seed).normal(128, 6, (h, w, 1)).clip(0, 255).astype(np.uint8)
+    img = Image.blend(img, Image.fromarray(np.repeat(noise, 3, axis=2), "RGB"), 0.04)
     return apply_variant(img, variant, rng)
 
 

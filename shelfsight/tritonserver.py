@@ -124,10 +124,13 @@ class TritonServer:
         return self
 
     def log_tail(self, lines: int = 40) -> str:
+        """The reasons models failed (if any), then the end of the log."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
+        reasons = [ln for ln in text if "failed to load '" in ln or "UNAVAILABLE:" in ln]
+        return "\n".join(dict.fromkeys(reasons[:10] + text[-lines:]))
 
     def _wait_ready(self) -> None:
         url = f"http://{self.settings.host}:{self.settings.http_port}/v2/health/ready"

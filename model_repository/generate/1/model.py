@@ -111,9 +111,11 @@ class TritonPythonModel:
         if ids is None or pixels is None or grid is None:
             raise InvalidArgument("input_ids, pixel_values and image_grid_thw are required")
         key = scalar(request, "image_key", lambda v: v.decode() if isinstance(v, bytes) else str(v))
-        return Request(input_ids=torch.from_numpy(ids.reshape(-1).astype(np.int64)),
-                       pixel_values=torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])),
-                       grid_thw=torch.from_numpy(grid.reshape(-1).astype(np.int64)),
+        # Copies, not views: execute() returns before the engine reads these, and the input tensors
+        # live in Triton's shared memory, which is reused for other requests once the call returns.
+        return Request(input_ids=torch.tensor(ids.reshape(-1), dtype=torch.int64),
+                       pixel_values=torch.tensor(pixels.reshape(-1, pixels.shape[-1])),
+                       grid_thw=torch.tensor(grid.reshape(-1), dtype=torch.int64),
                        image_key=key or "", params=params, sink=Sink(request.get_response_sender()))
 
     def execute(self, requests):

@@ -1,0 +1,167 @@
+"""Python client for shelfsight's ProductVision API, sync and asyncio.
+
+    from shelfsight.client import ShelfsightClient
+    with ShelfsightClient("127.0.0.1:50051") as c:
+        r = c.recognize("photo.jpg", "What brand is this product?")
+        print(r.text, r.cache_status)
+
+Every failure raises one exception class per kind (shelfsight.errors: InvalidArgument,
+ResourceExhausted, Unavailable, DeadlineExceeded, ...), all subclasses of ShelfsightError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import grpc
+
+from shelfsight import errors
+from shelfsight.protos import pb, pb_grpc
+
+CACHE_POLICIES = {"use": pb.CACHE_POLICY_USE, "skip": pb.CACHE_POLICY_SKIP, "refresh": pb.CACHE_POLICY_REFRESH}
+CACHE_STATUS = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_EXACT: "exact",
+                pb.CACHE_STATUS_PERCEPTUAL: "perceptual", pb.CACHE_STATUS_COALESCED: "coalesced"}
+PARAMETERS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+@dataclass(frozen=True)
+class Recognition:
+    text: str
+    model_id: str
+    cache_status: str  # miss | exact | perceptual | coalesced
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    total_seconds: float
+    upstream_seconds: float
+    request_id: str
+
+    @classmethod
+    def from_message(cls, m, text: str | None = None) -> "Recognition":
+        return cls(text=m.text if text is None else text, model_id=m.model_id,
+                   cache_status=CACHE_STATUS.get(m.cache_status, "unspecified"),
+                   prompt_tokens=m.usage.prompt_tokens, completion_tokens=m.usage.completion_tokens,
+                   finish_reason=m.finish_reason, total_seconds=m.timings.total_seconds,
+                   upstream_seconds=m.timings.upstream_seconds, request_id=m.request_id)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    final: bool = False
+    result: Recognition | None = None  # on the final chunk: the whole answer and its metadata
+
+
+def build_request(image, question: str, *, system: str | None = None, cache: str = "use",
+                  request_id: str | None = None, enhance: bool = False, **parameters):
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
+    if cache not in CACHE_POLICIES:
+        raise errors.InvalidArgument(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
+    unknown = set(parameters) - set(PARAMETERS)
+    if unknown:
+        raise errors.InvalidArgument(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    gen = pb.GenerationParameters(**{k: v for k, v in parameters.items() if v is not None})
+    return pb.RecognizeRequest(image=bytes(image), question=question, system_prompt=system or "",
+                               parameters=gen, cache_policy=CACHE_POLICIES[cache], request_id=request_id or "",
+                               enhance=enhance)
+
+
+def to_error(e: grpc.RpcError) -> errors.ShelfsightError:
+    code = e.code().name if e.code() else "UNKNOWN"
+    return errors.BY_CODE.get(code, errors.Internal)(e.details() or code)
+
+
+class _Joiner:
+    """Turns RecognizeChunk messages into Chunk objects, joining the text for the final one."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def __call__(self, m) -> Chunk:
+        if m.final:
+            return Chunk(m.text, True, Recognition.from_message(m, "".join(self.parts) + m.text))
+        self.parts.append(m.text)
+        return Chunk(m.text)
+
+
+class ShelfsightClient:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+        self.target, self.timeout = target, timeout
+        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._stub = pb_grpc.ProductVisionStub(self._channel)
+
+    def recognize(self, image, question: str, *, timeout: float | None = None, **kw) -> Recognition:
+        try:
+            reply = self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise to_error(e) from None
+        return Recognition.from_message(reply)
+
+    def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> Iterator[Chunk]:
+        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        join = _Joiner()
+        try:
+            for m in call:
+                yield join(m)
+        except grpc.RpcError as e:
+            raise to_error(e) from None
+        finally:
+            call.cancel()
+
+    def health(self, service: str = "") -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            r = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                 timeout=5)
+        except grpc.RpcError as e:
+            raise to_error(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ShelfsightClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncShelfsightClient:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+        self.target, self.timeout = target, timeout
+        self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._stub = pb_grpc.ProductVisionStub(self._channel)
+
+    async def recognize(self, image, question: str, *, timeout: float | None = None, **kw) -> Recognition:
+        try:
+            reply = await self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise to_error(e) from None
+        return Recognition.from_message(reply)
+
+    async def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> AsyncIterator[Chunk]:
+        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        join = _Joiner()
+        try:
+            async for m in call:
+                yield join(m)
+        except grpc.RpcError as e:
+            raise to_error(e) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncShelfsightClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

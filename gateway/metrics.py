@@ -1,0 +1,51 @@
+"""Prometheus metrics of the gateway, on their own HTTP port.
+
+gRPC server metrics use the go-grpc-prometheus names that existing dashboards expect; the rest carry
+one app prefix, base units, `_total` on counters, and never a label per image, request or user.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SIZES = (1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
+class GatewayMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", grpc_labels,
+                               registry=r)
+        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
+                               grpc_labels + ("grpc_code",), registry=r)
+        self.handling = Histogram("grpc_server_handling_seconds", "Time to complete an RPC on the server.",
+                                  grpc_labels, buckets=LATENCY, registry=r)
+        self.msg_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.",
+                                grpc_labels, registry=r)
+        self.upstream = Histogram("shelfsight_upstream_request_duration_seconds",
+                                  "Time waiting on Triton for one model call.", ("rpc", "outcome"),
+                                  buckets=LATENCY, registry=r)
+        self.first_chunk = Histogram("shelfsight_time_to_first_chunk_seconds",
+                                     "RecognizeStream: request to first text chunk.", buckets=LATENCY, registry=r)
+        self.cache_lookups = Counter("shelfsight_cache_lookups_total", "Result-cache lookups by level and result.",
+                                     ("level", "result"), registry=r)
+        self.coalesced = Counter("shelfsight_coalesced_requests_total",
+                                 "Requests answered by an identical call already in flight.", registry=r)
+        self.cache_entries = Gauge("shelfsight_cache_entries", "Answers held in the in-memory cache.", registry=r)
+        self.cache_bytes = Gauge("shelfsight_cache_size_bytes", "Bytes held in the in-memory cache.", registry=r)
+        self.in_flight = Gauge("shelfsight_requests_in_flight", "Recognize requests being handled.", registry=r)
+        self.model_calls = Gauge("shelfsight_model_calls_in_flight", "Calls to Triton in progress.", registry=r)
+        self.tokens = Counter("shelfsight_tokens_total", "Tokens in answers, by kind (prompt|completion) and "
+                              "source (model|cache).", ("kind", "source"), registry=r)
+        self.image_bytes = Histogram("shelfsight_image_size_bytes", "Size of the images received.",
+                                     buckets=SIZES, registry=r)
+        self.upstream_up = Gauge("shelfsight_upstream_up", "1 when Triton is ready, else 0.", registry=r)
+        for level in ("exact", "perceptual"):
+            for result in ("hit", "miss"):
+                self.cache_lookups.labels(level, result)  # present from the start, at zero
+
+    def serve(self, host: str, port: int):
+        """Start the /metrics HTTP endpoint; returns the server (its port when `port` is 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

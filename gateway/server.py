@@ -1,0 +1,175 @@
+"""The gateway process: gRPC server (ProductVision + health + reflection), metrics endpoint, Triton
+watcher, and graceful shutdown.
+
+Cross-cutting work lives in one interceptor: per-RPC metrics (go-grpc-prometheus names), the mapping
+of typed errors to gRPC statuses, and one structured JSON log line per call with its request id.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shelfsight.errors import Internal, ShelfsightError
+from shelfsight.gateway.cache import ResultCache
+from shelfsight.gateway.metrics import GatewayMetrics
+from shelfsight.gateway.service import CALL_LOG, ProductVisionService
+from shelfsight.gateway.settings import GatewaySettings
+from shelfsight.gateway.upstream import Upstream
+from shelfsight.protos import SERVICE, pb, pb_grpc
+
+log = logging.getLogger("shelfsight.gateway")
+access = logging.getLogger("shelfsight.gateway.access")
+
+
+def _final_code(context, exc: BaseException | None) -> str:
+    if exc is None:
+        return "OK"
+    if isinstance(exc, ShelfsightError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "INTERNAL"
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Metrics, error mapping and the access log for every RPC."""
+
+    def __init__(self, metrics: GatewayMetrics):
+        self.m = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.strip("/").rpartition("/")
+        if handler.unary_unary:
+            labels = ("unary", service, method)
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, labels),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            labels = ("server_stream", service, method)
+            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, labels),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return handler
+
+    def _begin(self, labels):
+        self.m.started.labels(*labels).inc()
+        CALL_LOG.set({})
+        return time.perf_counter()
+
+    async def _end(self, context, labels, t0, exc):
+        code = _final_code(context, exc)
+        elapsed = time.perf_counter() - t0
+        self.m.handled.labels(*labels, code).inc()
+        self.m.handling.labels(*labels).observe(elapsed)
+        if labels[1] == SERVICE:
+            entry = {"event": "rpc", "method": labels[2], "code": code, "seconds": round(elapsed, 4),
+                     **CALL_LOG.get({})}
+            if isinstance(exc, ShelfsightError):
+                entry["error"] = exc.message
+            access.info(json.dumps(entry, ensure_ascii=False))
+        if isinstance(exc, ShelfsightError):
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        if exc is not None and not isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
+            log.error("unexpected error in %s", labels[2], exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _unary(self, behaviour, labels):
+        async def call(request, context):
+            t0 = self._begin(labels)
+            try:
+                reply = await behaviour(request, context)
+            except BaseException as e:  # noqa: BLE001 - classified, counted and re-raised as a status
+                await self._end(context, labels, t0, e)
+                raise
+            await self._end(context, labels, t0, None)
+            return reply
+        return call
+
+    def _stream(self, behaviour, labels):
+        async def call(request, context):
+            t0 = self._begin(labels)
+            try:
+                async for item in behaviour(request, context):
+                    self.m.msg_sent.labels(*labels).inc()
+                    yield item
+            except BaseException as e:  # noqa: BLE001
+                await self._end(context, labels, t0, e)
+                raise
+            await self._end(context, labels, t0, None)
+        return call
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.health = health.aio.HealthServicer()
+        self.upstream = Upstream(settings.triton_url, settings.health_interval, self._on_upstream)
+        self.cache = ResultCache(settings.cache)
+        self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    def _on_upstream(self, ready: bool) -> None:
+        self.metrics.upstream_up.set(1 if ready else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            asyncio.get_running_loop().create_task(self.health.set(name, status))
+
+    async def start(self) -> "Gateway":
+        s = self.settings
+        http = self.metrics.serve(s.metrics_host, s.metrics_port)
+        self._http = http
+        self.metrics_port = http.server_port
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics)],
+                                      options=[("grpc.max_receive_message_length", 64 << 20)])
+        pb_grpc.add_ProductVisionServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise Internal(f"cannot listen on {s.host}:{s.port}")
+        await self.server.start()
+        await self.upstream.start()
+        log.info("gateway listening on %s:%d (metrics :%d), triton %s", s.host, self.port, self.metrics_port,
+                 s.triton_url)
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server:
+            await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.upstream.close()
+        await self.cache.close()
+        self._http.shutdown()
+        log.info("gateway stopped")
+
+
+async def serve_forever(settings: GatewaySettings, ready=None) -> None:
+    """Run a gateway until SIGINT/SIGTERM. `ready(gateway)` is called once it listens."""
+    gateway = await Gateway(settings).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready(gateway)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests")
+    await gateway.stop()

@@ -1,0 +1,213 @@
+"""The ProductVision service: validate at the edge, answer from the cache when allowed, otherwise share
+or start one model call, and reply with where the answer came from and how long it took.
+
+Errors are raised as shelfsight.errors types; the interceptor (gateway/server.py) turns them into gRPC
+statuses, counts and logs them.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from shelfsight import imaging, params
+from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
+from shelfsight.gateway.flights import Flight, Flights
+from shelfsight.gateway.metrics import GatewayMetrics
+from shelfsight.gateway.settings import GatewaySettings
+from shelfsight.gateway.upstream import Upstream
+from shelfsight.pipeline import Answer
+from shelfsight.protos import pb, pb_grpc
+
+# Fields the service adds to the one log line the interceptor writes per call.
+CALL_LOG: contextvars.ContextVar[dict] = contextvars.ContextVar("call_log")
+REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
+STATUS = {"miss": pb.CACHE_STATUS_MISS, "exact": pb.CACHE_STATUS_EXACT, "perceptual": pb.CACHE_STATUS_PERCEPTUAL,
+          "coalesced": pb.CACHE_STATUS_COALESCED}
+
+
+@dataclass(frozen=True)
+class Checked:
+    image: bytes
+    question: str
+    system: str
+    params: params.GenerationParams
+    enhance: bool
+    policy: int
+    request_id: str
+
+
+class ProductVisionService(pb_grpc.ProductVisionServicer):
+    def __init__(self, settings: GatewaySettings, upstream: Upstream, cache: ResultCache, metrics: GatewayMetrics):
+        self.settings, self.upstream, self.cache, self.metrics = settings, upstream, cache, metrics
+        self.flights = Flights(settings.max_in_flight)
+
+    # ---- edge validation ----
+    def check(self, request) -> Checked:
+        log = CALL_LOG.get({})
+        rid = request.request_id or uuid.uuid4().hex
+        if not REQUEST_ID.match(rid):
+            raise InvalidArgument("request_id must be 1-128 characters of letters, digits and . _ : / + = @ -")
+        log["request_id"] = rid
+        info = self.upstream.model()  # UNAVAILABLE while Triton is down
+        self.metrics.image_bytes.observe(len(request.image))
+        log["image_bytes"] = len(request.image)
+        imaging.check_encoded(request.image, info.image_limits)
+        params.check_text("question", request.question, info.limits.max_question_chars, required=True)
+        params.check_text("system_prompt", request.system_prompt, info.limits.max_system_chars, required=False)
+        p = request.parameters
+        effective = params.resolve(
+            info.generation, info.limits,
+            **{f: getattr(p, f) for f in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                                          "seed") if p.HasField(f)})
+        if request.cache_policy not in (pb.CACHE_POLICY_USE, pb.CACHE_POLICY_SKIP, pb.CACHE_POLICY_REFRESH):
+            raise InvalidArgument(f"cache_policy {request.cache_policy} is not one of USE, SKIP, REFRESH")
+        return Checked(request.image, request.question, request.system_prompt, effective, request.enhance,
+                       request.cache_policy, rid)
+
+    def _cacheable(self, c: Checked) -> bool:
+        s = self.settings.cache
+        return s.enabled and c.policy != pb.CACHE_POLICY_SKIP and (c.params.deterministic or s.cache_sampled)
+
+    def _on_lookup(self, level: str, hit: bool) -> None:
+        self.metrics.cache_lookups.labels(level, "hit" if hit else "miss").inc()
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        limit = self.settings.upstream_timeout
+        return limit if remaining is None else max(0.001, min(limit, remaining - 0.02))
+
+    # ---- the model call ----
+    async def _call(self, flight: Flight, c: Checked, probe: Probe | None, timeout: float, stream: bool) -> None:
+        client = self.upstream.client
+        kw = dict(timeout=timeout, request_id=c.request_id, enhance=c.enhance or None,
+                  **{k: v for k, v in dataclasses.asdict(c.params).items() if k != "ignore_eos"})
+        rpc = "stream" if stream else "unary"
+        self.metrics.model_calls.inc()
+        t0 = time.perf_counter()
+        outcome = "OK"
+        try:
+            if stream:
+                last = None
+                async for delta in client.stream(c.image, c.question, c.system or None, **kw):
+                    if delta.text:
+                        await flight.push(delta.text)
+                    last = delta
+                answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+            else:
+                answer = await client.infer(c.image, c.question, c.system or None, **kw)
+        except ShelfsightError as e:
+            outcome = e.code
+            if isinstance(e, Unavailable):
+                asyncio.create_task(self.upstream.check())  # learn now whether Triton is gone
+            raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            flight.upstream_seconds = time.perf_counter() - t0
+            self.metrics.upstream.labels(rpc, outcome).observe(flight.upstream_seconds)
+            self.metrics.model_calls.dec()
+        if probe is not None and answer.finish_reason in ("stop", "length"):  # complete answers only
+            await self.cache.put(probe, c.image, CachedAnswer(answer.text, self.upstream.info.model_id,
+                                                              answer.prompt_tokens, answer.completion_tokens,
+                                                              answer.finish_reason, time.time()))
+            entries_bytes = self.cache.stats()
+            if entries_bytes:
+                self.metrics.cache_entries.set(entries_bytes[0])
+                self.metrics.cache_bytes.set(entries_bytes[1])
+        await flight.finish(answer)
+
+    async def _resolve(self, c: Checked, context, stream: bool):
+        """-> ("cached", CachedAnswer, status) or ("flight", Flight, status)."""
+        model_id = self.upstream.model().model_id
+        probe = None
+        if self._cacheable(c):
+            probe = Probe(make_key(c.image, c.question, c.system, dataclasses.asdict(c.params), model_id, c.enhance))
+            if c.policy == pb.CACHE_POLICY_USE:
+                hit = await self.cache.lookup(probe, c.image, self._on_lookup)
+                if hit is not None:
+                    return "cached", hit[0], hit[1]
+        share = probe.key.exact if probe is not None and c.policy == pb.CACHE_POLICY_USE else None
+        timeout = self._timeout(context)
+        flight, coalesced = self.flights.join(share, lambda f: self._call(f, c, probe, timeout, stream))
+        if coalesced:
+            self.metrics.coalesced.inc()
+        return "flight", flight, "coalesced" if coalesced else "miss"
+
+    def _account(self, status: str, prompt: int, completion: int, upstream_s: float) -> None:
+        source = "model" if status == "miss" else "cache"
+        self.metrics.tokens.labels("prompt", source).inc(prompt)
+        self.metrics.tokens.labels("completion", source).inc(completion)
+        CALL_LOG.get({}).update(cache=status, prompt_tokens=prompt, completion_tokens=completion,
+                                upstream_s=round(upstream_s, 4))
+
+    # ---- RPCs ----
+    async def Recognize(self, request, context):
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            c = self.check(request)
+            kind, found, status = await self._resolve(c, context, stream=False)
+            if kind == "cached":
+                text, prompt, completion, finish, model_id, up = (found.text, found.prompt_tokens,
+                                                                  found.completion_tokens, found.finish_reason,
+                                                                  found.model_id, 0.0)
+            else:
+                try:
+                    answer = await found.result()
+                finally:
+                    self.flights.leave(found)
+                text, prompt, completion, finish = answer.text, answer.prompt_tokens, answer.completion_tokens, answer.finish_reason
+                model_id, up = self.upstream.info.model_id, found.upstream_seconds
+            self._account(status, prompt, completion, up)
+            return pb.RecognizeReply(text=text, model_id=model_id, cache_status=STATUS[status],
+                                     usage=pb.Usage(prompt_tokens=prompt, completion_tokens=completion),
+                                     finish_reason=finish, request_id=c.request_id,
+                                     timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=up))
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def RecognizeStream(self, request, context):
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            c = self.check(request)
+            kind, found, status = await self._resolve(c, context, stream=True)
+            first = True
+            if kind == "cached":
+                yield pb.RecognizeChunk(text=found.text)
+                self.metrics.first_chunk.observe(time.perf_counter() - t0)
+                prompt, completion, finish, model_id, up = (found.prompt_tokens, found.completion_tokens,
+                                                            found.finish_reason, found.model_id, 0.0)
+            else:
+                sent = []
+                try:
+                    async for delta in found.follow():
+                        if first:
+                            self.metrics.first_chunk.observe(time.perf_counter() - t0)
+                            first = False
+                        sent.append(delta)
+                        yield pb.RecognizeChunk(text=delta)
+                    answer = found.answer
+                finally:
+                    self.flights.leave(found)
+                rest = answer.text[len("".join(sent)):]
+                if rest:  # following a unary call: its answer comes whole, at the end
+                    if first:
+                        self.metrics.first_chunk.observe(time.perf_counter() - t0)
+                    yield pb.RecognizeChunk(text=rest)
+                prompt, completion, finish = answer.prompt_tokens, answer.completion_tokens, answer.finish_reason
+                model_id, up = self.upstream.info.model_id, found.upstream_seconds
+            self._account(status, prompt, completion, up)
+            yield pb.RecognizeChunk(final=True, model_id=model_id, cache_status=STATUS[status],
+                                    usage=pb.Usage(prompt_tokens=prompt, completion_tokens=completion),
+                                    finish_reason=finish, request_id=c.request_id,
+                                    timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=up))
+        finally:
+            self.metrics.in_flight.dec()

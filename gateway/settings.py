@@ -1,0 +1,33 @@
+"""The gateway's one settings object, built from flags in `shelfsight gateway` / `shelfsight serve`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    enabled: bool = True
+    max_bytes: int = 256 << 20  # answers kept in memory (text + keys); LRU beyond
+    ttl_seconds: float = 24 * 3600.0
+    perceptual: bool = True
+    # 256-bit pHash: measured on product renders, re-encoded + 90%-resized copies sit at Hamming
+    # distance <= 8 (p95), different products at >= 18. A 64-bit pHash put different products at 4,
+    # inside the re-encode range, so it cannot be both useful and safe (see README).
+    phash_bits: int = 256
+    max_distance: int = 10
+    cache_sampled: bool = False  # temperature > 0 without a seed: a cached answer would be one draw
+    redis_url: str | None = None  # shared cache for several gateway replicas
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    triton_url: str = "127.0.0.1:8001"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    max_in_flight: int = 64  # model calls at once; more -> RESOURCE_EXHAUSTED
+    upstream_timeout: float = 300.0  # when the client sets no deadline
+    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    health_interval: float = 1.0  # how often Triton's readiness is checked
+    cache: CacheSettings = field(default_factory=CacheSettings)

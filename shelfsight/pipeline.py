@@ -1,0 +1,158 @@
+"""Client side of the Triton `pipeline` / `pipeline_stream` contract (model_repository/pipeline).
+
+    inputs   IMAGE UINT8 [-1], QUESTION BYTES [1]; optional SYSTEM BYTES, MAX_NEW_TOKENS INT32,
+             TEMPERATURE FP32, TOP_P FP32, TOP_K INT32, REPETITION_PENALTY FP32, SEED INT64, ENHANCE BOOL
+    outputs  TEXT BYTES, PROMPT_TOKENS INT32, COMPLETION_TOKENS INT32, FINISH_REASON BYTES ("stop"|"length")
+
+Used by the gateway's upstream, the benchmarks and the tests. Errors come back typed: the status name
+the models put in front of their message (shelfsight/tritonpy.py) wins over Triton's gRPC status,
+which an ensemble reports as INTERNAL or INVALID_ARGUMENT whatever the cause.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from shelfsight import errors
+
+UNARY, STREAM = "pipeline", "pipeline_stream"
+# request field -> (input name, Triton type, numpy type)
+OPTIONAL = {
+    "max_new_tokens": ("MAX_NEW_TOKENS", "INT32", np.int32),
+    "temperature": ("TEMPERATURE", "FP32", np.float32),
+    "top_p": ("TOP_P", "FP32", np.float32),
+    "top_k": ("TOP_K", "INT32", np.int32),
+    "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
+    "seed": ("SEED", "INT64", np.int64),
+    "enhance": ("ENHANCE", "BOOL", np.bool_),
+}
+OUTPUTS = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+_GRPC_STATUS = {"UNAVAILABLE": errors.Unavailable, "DEADLINE_EXCEEDED": errors.DeadlineExceeded,
+                "CANCELLED": errors.Cancelled, "NOT_FOUND": errors.Unavailable,  # model not loaded (yet)
+                "INVALID_ARGUMENT": errors.InvalidArgument, "RESOURCE_EXHAUSTED": errors.ResourceExhausted}
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class Delta:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "" until the last delta
+
+
+def build_inputs(image: bytes, question: str, system: str | None = None, **params) -> list:
+    def tensor(name, dtype, value):
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        return t
+
+    inputs = [tensor("IMAGE", "UINT8", np.frombuffer(image, dtype=np.uint8)[None]),
+              tensor("QUESTION", "BYTES", np.array([[question.encode("utf-8")]], dtype=object))]
+    if system:
+        inputs.append(tensor("SYSTEM", "BYTES", np.array([[system.encode("utf-8")]], dtype=object)))
+    for field, value in params.items():
+        if value is None:
+            continue
+        if field not in OPTIONAL:
+            raise errors.InvalidArgument(f"unknown generation parameter {field!r}")
+        name, dtype, np_type = OPTIONAL[field]
+        inputs.append(tensor(name, dtype, np.array([[value]], dtype=np_type)))
+    return inputs
+
+
+def _outputs(result) -> tuple[str, int, int, str]:
+    text = result.as_numpy("TEXT").reshape(-1)[0]
+    finish = result.as_numpy("FINISH_REASON").reshape(-1)[0]
+    return (text.decode("utf-8"), int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
+            int(result.as_numpy("COMPLETION_TOKENS").reshape(-1)[0]), finish.decode())
+
+
+def to_error(exc: Exception) -> errors.ShelfsightError:
+    if isinstance(exc, errors.ShelfsightError):
+        return exc
+    message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    typed = errors.parse(message or "")
+    if typed is not None:
+        return typed
+    if any(s in (message or "") for s in ("not ready", "shutting down", "failed to connect", "Connection refused")):
+        return errors.Unavailable(f"triton: {message}")  # starting, stopping or gone: retry later
+    status = (exc.status() or "") if isinstance(exc, InferenceServerException) else ""
+    status = status.replace("StatusCode.", "")
+    return _GRPC_STATUS.get(status, errors.Internal)(f"triton: {message or exc}")
+
+
+class PipelineClient:
+    """asyncio client of the pipeline contract over Triton's gRPC endpoint."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._client = grpcclient.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(UNARY) and await self._client.is_model_ready(STREAM))
+        except Exception:
+            return False
+
+    async def serving_info(self) -> dict:
+        """The client-facing manifest the repository put in the `pipeline` config (model id,
+        generation defaults, limits)."""
+        try:
+            config = await self._client.get_model_config(UNARY, as_json=True)
+        except Exception as e:
+            raise to_error(e) from None
+        raw = config["config"].get("parameters", {}).get("shelfsight", {}).get("string_value")
+        if not raw:
+            raise errors.FailedPrecondition(f"the `{UNARY}` model at {self.url} carries no shelfsight parameters; "
+                                            "lay the repository out with `shelfsight export repository`")
+        return json.loads(raw)
+
+    async def infer(self, image: bytes, question: str, system: str | None = None, *,
+                    timeout: float | None = None, request_id: str = "", **params) -> Answer:
+        try:
+            result = await self._client.infer(UNARY, build_inputs(image, question, system, **params),
+                                              outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
+                                              request_id=request_id, client_timeout=timeout)
+        except Exception as e:
+            raise to_error(e) from None
+        return Answer(*_outputs(result))
+
+    async def stream(self, image: bytes, question: str, system: str | None = None, *,
+                     timeout: float | None = None, request_id: str = "", **params) -> AsyncIterator[Delta]:
+        inputs = build_inputs(image, question, system, **params)
+
+        async def requests():
+            yield {"model_name": STREAM, "inputs": inputs, "request_id": request_id}
+
+        responses = self._client.stream_infer(requests(), stream_timeout=timeout)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise to_error(error)
+                delta = Delta(*_outputs(result))
+                yield delta
+                if delta.finish_reason:
+                    return
+            raise errors.Internal("the stream ended without a final answer")
+        except errors.ShelfsightError:
+            raise
+        except Exception as e:
+            raise to_error(e) from None
+        finally:
+            responses.cancel()  # ends the call if the consumer stopped early (no-op once finished)

@@ -1,0 +1,87 @@
+"""Sampling and detokenization units: the same semantics as transformers, and exact text streaming."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from shelfsight import sampling
+from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight.params import GenerationParams
+
+
+def hf_kept(logits, seen_ids, penalty, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    scores = RepetitionPenaltyLogitsProcessor(penalty)(seen_ids[None], logits[None].clone())
+    scores = TemperatureLogitsWarper(temperature)(seen_ids[None], scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(seen_ids[None], scores)
+    scores = TopPLogitsWarper(top_p)(seen_ids[None], scores)
+    return set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, 0.85), (0, 0.9), (5, 1.0), (50, 0.3), (0, 0.05)])
+def test_candidates_match_transformers(top_k, top_p):
+    torch.manual_seed(top_k + int(top_p * 100))
+    vocab = 5000
+    logits = torch.randn(3, vocab) * 3
+    seen_ids = torch.randint(0, vocab, (3, 40))
+    seen = torch.zeros(3, vocab, dtype=torch.bool)
+    seen.scatter_(1, seen_ids, True)
+    penalized = sampling.penalize(logits, seen, torch.tensor([1.1, 1.1, 1.1]))
+    values, indices, keep = sampling.candidates(penalized / 0.7, [top_k] * 3, [top_p] * 3)
+    for row in range(3):
+        mine = set(indices[row][keep[row]].tolist())
+        assert mine == hf_kept(logits[row], seen_ids[row], 1.1, 0.7, top_k, top_p)
+
+
+def test_greedy_takes_argmax_of_penalized_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
+    seen = torch.tensor([[False, True, False, False]])
+    p = GenerationParams(temperature=0.0, repetition_penalty=1.1)
+    # 3.0 / 1.1 = 2.73 < 2.9: the penalty moves the choice from token 1 to token 2
+    assert sampling.choose(logits, seen, [p], [None]).tolist() == [2]
+    assert sampling.choose(logits, seen, [GenerationParams(temperature=0.0, repetition_penalty=1.0)],
+                           [None]).tolist() == [1]
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    seen = torch.zeros(4, 1000, dtype=torch.bool)
+    seeded = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, seed=42)
+    others = GenerationParams(temperature=1.0, top_k=0, top_p=1.0)
+
+    def run(rows):
+        gens = [sampling.new_generator(r, torch.device("cpu")) for r in rows]
+        return [sampling.choose(logits[: len(rows)], seen[: len(rows)], rows, gens).tolist() for _ in range(5)]
+
+    alone = [draw[0] for draw in run([seeded])]
+    in_batch = [draw[0] for draw in run([seeded, others, others])]
+    assert alone == in_batch
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from shelfsight.export.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_incremental_detokenizer_equals_full_decode(tokenizer):
+    rng = random.Random(0)
+    texts = ["净含量 500毫升 🙂👍🏽 café", "Brand: Lumora — Hydrating Lotion 50 ml", "ミドリ堂の緑茶 ✨✨"]
+    ids = [tid for t in texts for tid in tokenizer.encode(t)]
+    for trial in range(20):  # random token streams, including ones that split characters
+        stream = [rng.choice(ids) for _ in range(rng.randint(1, 60))]
+        if trial % 3 == 0:
+            stream = [rng.randint(0, 151_642) for _ in range(30)]
+        d = IncrementalDetokenizer(tokenizer)
+        deltas = [d.push(t) for t in stream] + [d.flush()]
+        full = tokenizer.decode(stream, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert "".join(deltas) == full
+        if "\ufffd" not in full:  # no delta ever shows half a character
+            assert not any("\ufffd" in delta for delta in deltas)
