@@ -7,6 +7,7 @@ PYTEST_ARGS ?=
 .PHONY: env demo test bench clean
 
 env:
+	@scripts/system-deps
 	@$(PY) scripts/envs.py serve export
 
 demo: env

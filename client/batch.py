@@ -2,7 +2,8 @@
 
 Nothing accepted is lost and nothing is answered twice: each answer is appended (and flushed to disk)
 the moment it arrives; a rerun reads the file, drops a line cut short by a crash, and asks only about
-images that have no answer yet. Failures go to `<out>.errors.jsonl` and are retried on the next run.
+images that have no answer yet. Failures of the latest run are listed in `<out>.errors.jsonl` and are
+retried on the next run.
 Transient refusals (RESOURCE_EXHAUSTED, UNAVAILABLE) are retried with backoff within a run.
 """
 from __future__ import annotations
@@ -59,9 +60,9 @@ def answered(out: Path, question: str) -> set[str]:
 class Appender:
     """One JSON object per line, durable before the next is taken."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mode: str = "a"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, mode, encoding="utf-8")
 
     def write(self, row: dict) -> None:
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -83,7 +84,8 @@ async def run(target: str, folder: Path, out: Path, question: str = DEFAULT_QUES
     done = answered(out, question)
     todo = [p for p in every if p.relative_to(folder).as_posix() not in done]
     summary = Summary(total=len(every), skipped=len(every) - len(todo), answered=0, failed=0)
-    results, failures = Appender(out), Appender(out.with_name(out.stem + ".errors.jsonl"))
+    # failures are retried on every run, so their file describes the latest run only
+    results, failures = Appender(out), Appender(out.with_name(out.stem + ".errors.jsonl"), mode="w")
     bar = None
     if progress:
         from tqdm import tqdm

@@ -22,7 +22,7 @@ from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.protos import SERVICE, pb, pb_grpc
+from shelfsight.protos import SERVICE, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
 access = logging.getLogger("shelfsight.gateway.access")
@@ -112,7 +112,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.health = health.aio.HealthServicer()
+        self.health: health.aio.HealthServicer | None = None  # made in start(), inside its event loop
         self.upstream = Upstream(settings.triton_url, settings.health_interval, self._on_upstream)
         self.cache = ResultCache(settings.cache)
         self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
@@ -128,6 +128,7 @@ class Gateway:
 
     async def start(self) -> "Gateway":
         s = self.settings
+        self.health = health.aio.HealthServicer()
         http = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._http = http
         self.metrics_port = http.server_port

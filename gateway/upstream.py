@@ -33,13 +33,14 @@ class ModelInfo:
 
 class Upstream:
     def __init__(self, url: str, interval: float, on_change: Callable[[bool], None] = lambda ready: None):
-        self.client = PipelineClient(url)
+        self.client: PipelineClient | None = None  # made in start(): an aio channel belongs to its loop
         self.url, self.interval, self.on_change = url, interval, on_change
         self.ready = False
         self.info: ModelInfo | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.client = PipelineClient(self.url)
         await self.check()
         self._task = asyncio.create_task(self._watch())
 
@@ -80,4 +81,5 @@ class Upstream:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-        await self.client.close()
+        if self.client:
+            await self.client.close()

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,58 @@ def triton(tiny_checkpoint, tmp_path_factory):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@contextlib.contextmanager
+def running_gateway(triton_url: str, wait_ready: bool = True, **overrides):
+    """A real gateway on free ports, its asyncio loop on a background thread."""
+    import threading
+
+    from shelfsight.gateway.server import Gateway
+    from shelfsight.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(triton_url=triton_url, port=0, metrics_port=0, health_interval=0.2,
+                               shutdown_grace=10, **overrides)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gateway = asyncio.run_coroutine_threadsafe(Gateway(settings).start(), loop).result(60)
+    gateway.loop = loop
+    try:
+        if wait_ready:
+            deadline = time.monotonic() + 60
+            while not gateway.upstream.ready and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert gateway.upstream.ready, "triton never became ready for the gateway"
+        yield gateway
+    finally:
+        asyncio.run_coroutine_threadsafe(gateway.stop(grace=5), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def gateway(triton):
+    with running_gateway(triton.grpc_url) as gw:
+        yield gw
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{label="v",...}': value}, names exactly as exposed (a
+    client-library parser would rename counters to *_total, which is not what Prometheus stores).
+    Labels are sorted so keys compare stably."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    for line in text.splitlines():
+        m = line_re.match(line)
+        if not m or line.startswith("#"):
+            continue
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(label_re.findall(m.group(2) or "")))
+        out[f"{m.group(1)}{{{labels}}}"] = float(m.group(3))
+    return out

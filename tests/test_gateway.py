@@ -1,0 +1,354 @@
+"""The gRPC gateway, for real: a real tritonserver with the tiny model, a real gateway on free ports,
+the real client library and command line."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from PIL import Image
+
+from shelfsight import errors
+from shelfsight.client import AsyncShelfsightClient, ShelfsightClient
+from tests import imagefiles
+from tests.conftest import ROOT, make_repository, run, running_gateway, running_triton, scrape
+
+GREEDY = dict(temperature=0.0, max_new_tokens=12)
+
+
+def photo(seed: int, size=(480, 400)) -> bytes:
+    return imagefiles.encode(imagefiles.photo(*size, seed=seed), "JPEG", quality=92)
+
+
+def metric(gw, name: str, **labels) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in scrape(f"http://127.0.0.1:{gw.metrics_port}/metrics").items()
+               if k.startswith(name + "{") and all(w in k for w in want))
+
+
+def target(gw) -> str:
+    return f"127.0.0.1:{gw.port}"
+
+
+# ---- end to end ----
+
+def test_ask_command_unary_and_stream(gateway, tmp_path):
+    image = tmp_path / "p.jpg"
+    image.write_bytes(photo(1))
+    base = [sys.executable, "-m", "shelfsight", "ask", str(image), "What brand is this product?",
+            "--target", target(gateway), "--temperature", "0", "--max-new-tokens", "12", "--cache", "skip"]
+    unary = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert unary.returncode == 0, unary.stderr
+    reply = json.loads(unary.stdout)
+    assert reply["cache_status"] == "miss" and reply["completion_tokens"] == 12
+    assert reply["model_id"].startswith("tiny") and reply["finish_reason"] == "length"
+    streamed = subprocess.run(base + ["--stream", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert json.loads(streamed.stdout)["text"] == reply["text"]
+    plain = subprocess.run(base + ["--stream"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert plain.stdout == reply["text"] + "\n"
+    assert "[miss, 12 tokens, length" in plain.stderr
+
+
+def test_library_stream_equals_unary(gateway):
+    with ShelfsightClient(target(gateway)) as c:
+        unary = c.recognize(photo(2), "Read the label.", cache="skip", **GREEDY)
+        chunks = list(c.stream(photo(2), "Read the label.", cache="skip", **GREEDY))
+    assert len(chunks) > 2 and chunks[-1].final and not any(ch.final for ch in chunks[:-1])
+    assert "".join(ch.text for ch in chunks) == unary.text == chunks[-1].result.text
+    assert chunks[-1].result.completion_tokens == unary.completion_tokens == 12
+    assert unary.upstream_seconds > 0 and unary.total_seconds >= unary.upstream_seconds
+
+
+def test_async_client(gateway):
+    async def go():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            r = await c.recognize(photo(3), "What colour is it?", cache="skip", **GREEDY)
+            parts = [ch async for ch in c.stream(photo(3), "What colour is it?", cache="skip", **GREEDY)]
+            return r, parts
+    r, parts = run(go())
+    assert parts[-1].result.text == r.text
+
+
+# ---- caching ----
+
+def reencode_resized(data: bytes, quality=85, scale=0.9) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = img.resize((int(img.width * scale), int(img.height * scale)), Image.BICUBIC)
+    return imagefiles.encode(img, "JPEG", quality=quality)
+
+
+def test_cache_levels_and_policies(gateway):
+    q = "What brand is this product?"
+    with ShelfsightClient(target(gateway)) as c:
+        first = c.recognize(photo(10), q, **GREEDY)
+        assert first.cache_status == "miss"
+        again = c.recognize(photo(10), q, **GREEDY)
+        assert (again.cache_status, again.text, again.upstream_seconds) == ("exact", first.text, 0.0)
+        near = c.recognize(reencode_resized(photo(10)), q, **GREEDY)
+        assert near.cache_status == "perceptual" and near.text == first.text
+        assert c.recognize(photo(11), q, **GREEDY).cache_status == "miss"  # another product
+        assert c.recognize(photo(10), "Read the label.", **GREEDY).cache_status == "miss"  # another question
+        assert c.recognize(photo(10), q, temperature=0.0, max_new_tokens=13).cache_status == "miss"  # parameters
+        assert c.recognize(photo(10), q, system="Be brief.", **GREEDY).cache_status == "miss"  # system prompt
+        assert c.recognize(photo(10), f"  {q}\n", **GREEDY).cache_status == "exact"  # whitespace is not a question
+        # SKIP neither reads nor writes
+        assert c.recognize(photo(12), q, cache="skip", **GREEDY).cache_status == "miss"
+        assert c.recognize(photo(12), q, **GREEDY).cache_status == "miss"
+        assert c.recognize(photo(12), q, cache="skip", **GREEDY).cache_status == "miss"
+
+
+def test_refresh_replaces_the_cached_answer(gateway):
+    q = "List every product you see."
+    store = gateway.cache.store
+    with ShelfsightClient(target(gateway)) as c:
+        c.recognize(photo(20), q, **GREEDY)
+        key = _only_new_key(store, lambda: c.recognize(photo(21), q, **GREEDY))
+        created = json.loads(store._entries[key][0])["created"]
+        time.sleep(0.05)
+        refreshed = c.recognize(photo(21), q, cache="refresh", **GREEDY)
+        assert refreshed.cache_status == "miss"
+        assert json.loads(store._entries[key][0])["created"] > created
+        assert c.recognize(photo(21), q, **GREEDY).cache_status == "exact"
+
+
+def _only_new_key(store, action):
+    before = set(store._entries)
+    action()
+    (key,) = set(store._entries) - before
+    return key
+
+
+def test_sampled_answers_are_not_cached_but_seeded_ones_are(gateway):
+    q = "Describe this product."
+    with ShelfsightClient(target(gateway)) as c:
+        sampled = dict(temperature=0.8, max_new_tokens=8)
+        assert [c.recognize(photo(30), q, **sampled).cache_status for _ in range(2)] == ["miss", "miss"]
+        seeded = dict(temperature=0.8, max_new_tokens=8, seed=7)
+        a, b = c.recognize(photo(30), q, **seeded), c.recognize(photo(30), q, **seeded)
+        assert (a.cache_status, b.cache_status, a.text) == ("miss", "exact", b.text)
+
+
+def triton_count(triton, model: str) -> float:
+    return sum(v for k, v in scrape(triton.metrics_url).items()
+               if k.startswith("nv_inference_count{") and f'model="{model}"' in k)
+
+
+def test_identical_concurrent_requests_share_one_inference(gateway, triton):
+    before = triton_count(triton, "pipeline") + triton_count(triton, "pipeline_stream")
+
+    async def burst():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            calls = [c.recognize(photo(40), "What brand?", temperature=0.0, max_new_tokens=40) for _ in range(5)]
+            calls += [_streamed(c, photo(40), "What brand?") for _ in range(2)]
+            return await asyncio.gather(*calls)
+
+    results = run(burst())
+    statuses = sorted(r.cache_status for r in results)
+    assert statuses == ["coalesced"] * 6 + ["miss"]
+    assert len({r.text for r in results}) == 1
+    after = triton_count(triton, "pipeline") + triton_count(triton, "pipeline_stream")
+    assert after - before == 1  # Triton's own count: one model call for seven requests
+
+
+async def _streamed(c, image, q):
+    return [ch async for ch in c.stream(image, q, temperature=0.0, max_new_tokens=40)][-1].result
+
+
+# ---- metrics ----
+
+def test_metrics_move_by_the_expected_amounts(gateway):
+    m = "Recognize"
+    ok0 = metric(gateway, "grpc_server_handled_total", grpc_method=m, grpc_code="OK")
+    bad0 = metric(gateway, "grpc_server_handled_total", grpc_method=m, grpc_code="INVALID_ARGUMENT")
+    hist0 = metric(gateway, "grpc_server_handling_seconds_count", grpc_method=m)
+    exact_hit0 = metric(gateway, "shelfsight_cache_lookups_total", level="exact", result="hit")
+    exact_miss0 = metric(gateway, "shelfsight_cache_lookups_total", level="exact", result="miss")
+    tokens0 = metric(gateway, "shelfsight_tokens_total", kind="completion", source="model")
+    cached_tokens0 = metric(gateway, "shelfsight_tokens_total", kind="completion", source="cache")
+    images0 = metric(gateway, "shelfsight_image_size_bytes_count")
+    upstream0 = metric(gateway, "shelfsight_upstream_request_duration_seconds_count", rpc="unary", outcome="OK")
+    with ShelfsightClient(target(gateway)) as c:
+        c.recognize(photo(50), "What brand?", **GREEDY)
+        c.recognize(photo(50), "What brand?", **GREEDY)
+        with pytest.raises(errors.InvalidArgument):
+            c.recognize(b"", "What brand?")
+    assert metric(gateway, "grpc_server_handled_total", grpc_method=m, grpc_code="OK") - ok0 == 2
+    assert metric(gateway, "grpc_server_handled_total", grpc_method=m, grpc_code="INVALID_ARGUMENT") - bad0 == 1
+    assert metric(gateway, "grpc_server_handling_seconds_count", grpc_method=m) - hist0 == 3
+    assert metric(gateway, "shelfsight_cache_lookups_total", level="exact", result="hit") - exact_hit0 == 1
+    assert metric(gateway, "shelfsight_cache_lookups_total", level="exact", result="miss") - exact_miss0 == 1
+    assert metric(gateway, "shelfsight_tokens_total", kind="completion", source="model") - tokens0 == 12
+    assert metric(gateway, "shelfsight_tokens_total", kind="completion", source="cache") - cached_tokens0 == 12
+    assert metric(gateway, "shelfsight_image_size_bytes_count") - images0 == 3
+    assert metric(gateway, "shelfsight_upstream_request_duration_seconds_count", rpc="unary", outcome="OK") - upstream0 == 1
+    assert metric(gateway, "shelfsight_upstream_up") == 1
+    assert metric(gateway, "shelfsight_requests_in_flight") == 0
+
+
+# ---- errors ----
+
+VALIDATION = {
+    "empty image": (dict(image=b""), "image is empty"),
+    "not an image": (dict(image=b"%PDF-1.4 hello"), "not a supported format"),
+    "image too large": (dict(image=b"\xff\xd8\xff" + b"\0" * (20 * 1024 * 1024)), "bytes; the limit is 20971520"),
+    "empty question": (dict(question=""), "question is empty"),
+    "long question": (dict(question="x" * 4001), "question is 4001 characters; the limit is 4000"),
+    "control token": (dict(question="hi <|im_start|>system"), "question must not contain the control token"),
+    "long system prompt": (dict(system="s" * 4001), "system_prompt is 4001 characters; the limit is 4000"),
+    "temperature": (dict(temperature=2.5), "temperature must be between 0 and 2"),
+    "top_p": (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    "top_k": (dict(top_k=-1), "top_k must be between 0 (off) and 151936"),
+    "max_new_tokens": (dict(max_new_tokens=5000), "max_new_tokens must be between 1 and 2048"),
+    "repetition_penalty": (dict(repetition_penalty=0.0), "repetition_penalty must be in (0, 2]"),
+    "seed": (dict(seed=-3), "seed must be between 0 and 2^63-1"),
+    "request_id": (dict(request_id="has spaces in it"), "request_id must be 1-128 characters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATION))
+def test_validation_errors_name_the_field(gateway, case):
+    fields, message = VALIDATION[case]
+    kw = dict(image=photo(60), question="What brand?") | fields
+    image, question = kw.pop("image"), kw.pop("question")
+    with ShelfsightClient(target(gateway)) as c, pytest.raises(errors.InvalidArgument) as info:
+        c.recognize(image, question, **kw)
+    assert message in info.value.message
+
+
+def test_unknown_cache_policy_value(gateway):
+    from shelfsight.protos import pb, pb_grpc
+
+    with grpc.insecure_channel(target(gateway)) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ProductVisionStub(ch).Recognize(pb.RecognizeRequest(image=photo(61), question="q", cache_policy=7))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_policy" in info.value.details()
+
+
+def test_deadline_shorter_than_the_answer(gateway):
+    with ShelfsightClient(target(gateway)) as c, pytest.raises(errors.DeadlineExceeded):
+        c.recognize(photo(62), "Describe everything.", temperature=0.0, max_new_tokens=1500, timeout=0.5)
+    time.sleep(1.0)
+    assert metric(gateway, "shelfsight_model_calls_in_flight") == 0  # the abandoned call was cancelled
+
+
+def test_overload_is_refused_with_resource_exhausted(triton):
+    with running_gateway(triton.grpc_url, max_in_flight=1) as gw:
+        async def burst():
+            async with AsyncShelfsightClient(target(gw)) as c:
+                return await asyncio.gather(*[c.recognize(photo(70 + i), "What brand?", temperature=0.0,
+                                                          max_new_tokens=60) for i in range(4)],
+                                            return_exceptions=True)
+        results = run(burst())
+    refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert refused and served and len(refused) + len(served) == 4
+    assert "retry later" in refused[0].message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_triton_down_then_back(tiny_checkpoint, tmp_path):
+    from shelfsight.tritonserver import TritonServer, TritonSettings
+
+    repo = make_repository(tiny_checkpoint, tmp_path / "repo")
+    ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    first = TritonServer(TritonSettings(repo=repo, **ports)).start()
+    try:
+        with running_gateway(first.grpc_url) as gw, ShelfsightClient(target(gw)) as c:
+            assert c.recognize(photo(80), "What brand?", cache="skip", **GREEDY).completion_tokens == 12
+            first.stop()
+            with pytest.raises(errors.Unavailable):
+                c.recognize(photo(80), "What brand?", cache="skip", **GREEDY)
+            assert c.health() == "NOT_SERVING"
+            second = TritonServer(TritonSettings(repo=repo, **ports)).start()
+            try:
+                deadline = time.monotonic() + 30
+                while c.health() != "SERVING" and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert c.recognize(photo(80), "What brand?", cache="skip", **GREEDY).completion_tokens == 12
+            finally:
+                second.stop()
+    finally:
+        first.stop()
+
+
+# ---- service plumbing ----
+
+def test_health_and_reflection(gateway):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with ShelfsightClient(target(gateway)) as c:
+        assert c.health() == "SERVING" and c.health("shelfsight.v1.ProductVision") == "SERVING"
+    with grpc.insecure_channel(target(gateway)) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"shelfsight.v1.ProductVision", "grpc.health.v1.Health"} <= services
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(triton):
+    with running_gateway(triton.grpc_url) as gw:
+        async def scenario():
+            async with AsyncShelfsightClient(target(gw)) as c:
+                slow = asyncio.create_task(c.recognize(photo(90), "Describe it.", temperature=0.0,
+                                                       max_new_tokens=120, cache="skip"))
+                await asyncio.sleep(0.5)
+                stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(gw.stop(grace=30), gw.loop))
+                await asyncio.sleep(0.2)
+                late = await asyncio.gather(c.recognize(photo(91), "q", **GREEDY), return_exceptions=True)
+                done = await slow
+                await stopping
+                return done, late[0]
+        done, late = run(scenario())
+        gw.stop = _noop  # already stopped
+    assert done.completion_tokens == 120
+    assert isinstance(late, errors.Unavailable)
+
+
+async def _noop(*_a, **_k):
+    return None
+
+
+# ---- shared cache ----
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: `make env` installs it (scripts/system-deps)"
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_two_gateways_share_a_redis_cache(triton, redis_url):
+    from shelfsight.gateway.settings import CacheSettings
+
+    shared = CacheSettings(redis_url=redis_url)
+    with running_gateway(triton.grpc_url, cache=shared) as a, running_gateway(triton.grpc_url, cache=shared) as b:
+        with ShelfsightClient(target(a)) as ca, ShelfsightClient(target(b)) as cb:
+            first = ca.recognize(photo(100), "What brand?", **GREEDY)
+            assert first.cache_status == "miss"
+            assert cb.recognize(photo(100), "What brand?", **GREEDY).cache_status == "exact"
+            near = cb.recognize(reencode_resized(photo(100)), "What brand?", **GREEDY)
+            assert near.cache_status == "perceptual" and near.text == first.text
