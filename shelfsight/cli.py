@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shelfsight.client import cli as client_cli
     from shelfsight.export import cli as export_cli
     from shelfsight.gateway import cli as gateway_cli
+    from shelfsight.loadtest import cli as loadtest_cli
 
     parser = Parser(prog="shelfsight", description="Serve Qwen3-VL for e-commerce product recognition: "
                     "export and quantize checkpoints, run Triton and the caching gRPC gateway, ask questions.")
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_triton(sub)
     gateway_cli.register(sub)
     client_cli.register(sub)
+    loadtest_cli.register(sub)
     return parser
 
 
