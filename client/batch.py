@@ -75,30 +75,37 @@ class Appender:
 
 async def run(target: str, folder: Path, out: Path, question: str = DEFAULT_QUESTION, concurrency: int = 4,
               progress: bool = True, retries: int = 3, timeout: float | None = None, **request) -> Summary:
-    folder, out = Path(folder), Path(out)
+    """Every image under `folder` (recursively), named by its path relative to the folder."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise errors.NotFound(f"image folder {folder} does not exist")
+    items = [(p.relative_to(folder).as_posix(), p) for p in images_in(folder)]
+    return await ask_all(target, items, out, question, concurrency, progress, retries, timeout, **request)
+
+
+async def ask_all(target: str, items: list[tuple[str, Path]], out: Path, question: str, concurrency: int = 4,
+                  progress: bool = True, retries: int = 3, timeout: float | None = None, **request) -> Summary:
+    """Ask `question` about each (name, path) not yet answered in `out`; see the module docstring."""
+    out = Path(out)
     if concurrency < 1:
         raise errors.InvalidArgument("--concurrency must be at least 1")
-    every = images_in(folder)
     done = answered(out, question)
-    todo = [p for p in every if p.relative_to(folder).as_posix() not in done]
-    summary = Summary(total=len(every), skipped=len(every) - len(todo), answered=0, failed=0)
+    todo = [(name, path) for name, path in items if name not in done]
+    summary = Summary(total=len(items), skipped=len(items) - len(todo), answered=0, failed=0)
     # failures are retried on every run, so their file describes the latest run only
     results, failures = Appender(out), Appender(out.with_name(out.stem + ".errors.jsonl"), mode="w")
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(every), initial=summary.skipped, unit="img", desc="batch")
-    queue: asyncio.Queue[Path] = asyncio.Queue()
-    for p in todo:
-        queue.put_nowait(p)
+        bar = tqdm(total=len(items), initial=summary.skipped, unit="img", desc="asking")
+    queue: asyncio.Queue[tuple[str, Path]] = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
 
     async def worker(client: AsyncShelfsightClient):
         while not queue.empty():
-            path = queue.get_nowait()
-            name = path.relative_to(folder).as_posix()
+            name, path = queue.get_nowait()
             t0 = time.perf_counter()
             for attempt in range(retries + 1):
                 try:

@@ -21,6 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from shelfsight.client import cli as client_cli
+    from shelfsight.evaluation import cli as evaluation_cli
     from shelfsight.export import cli as export_cli
     from shelfsight.gateway import cli as gateway_cli
     from shelfsight.loadtest import cli as loadtest_cli
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_cli.register(sub)
     client_cli.register(sub)
     loadtest_cli.register(sub)
+    evaluation_cli.register(sub)
     return parser
 
 
