@@ -140,12 +140,21 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             self.metrics.coalesced.inc()
         return "flight", flight, "coalesced" if coalesced else "miss"
 
-    def _account(self, status: str, prompt: int, completion: int, upstream_s: float) -> None:
+    def _summary(self, c: Checked, outcome: CachedAnswer, status: str, t0: float, upstream_s: float) -> dict:
+        """Account for an answer (metrics, access log) and return the fields every reply carries."""
         source = "model" if status == "miss" else "cache"
-        self.metrics.tokens.labels("prompt", source).inc(prompt)
-        self.metrics.tokens.labels("completion", source).inc(completion)
-        CALL_LOG.get({}).update(cache=status, prompt_tokens=prompt, completion_tokens=completion,
-                                upstream_s=round(upstream_s, 4))
+        self.metrics.tokens.labels("prompt", source).inc(outcome.prompt_tokens)
+        self.metrics.tokens.labels("completion", source).inc(outcome.completion_tokens)
+        CALL_LOG.get({}).update(cache=status, prompt_tokens=outcome.prompt_tokens,
+                                completion_tokens=outcome.completion_tokens, upstream_s=round(upstream_s, 4))
+        return dict(model_id=outcome.model_id, cache_status=STATUS[status], finish_reason=outcome.finish_reason,
+                    usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens),
+                    request_id=c.request_id,
+                    timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=upstream_s))
+
+    def _outcome(self, answer: Answer) -> CachedAnswer:
+        return CachedAnswer(answer.text, self.upstream.info.model_id, answer.prompt_tokens, answer.completion_tokens,
+                            answer.finish_reason, time.time())
 
     # ---- RPCs ----
     async def Recognize(self, request, context):
@@ -155,23 +164,33 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             c = self.check(request)
             kind, found, status = await self._resolve(c, context, stream=False)
             if kind == "cached":
-                text, prompt, completion, finish, model_id, up = (found.text, found.prompt_tokens,
-                                                                  found.completion_tokens, found.finish_reason,
-                                                                  found.model_id, 0.0)
+                outcome, upstream_s = found, 0.0
             else:
                 try:
-                    answer = await found.result()
+                    outcome, upstream_s = self._outcome(await found.result()), found.upstream_seconds
                 finally:
                     self.flights.leave(found)
-                text, prompt, completion, finish = answer.text, answer.prompt_tokens, answer.completion_tokens, answer.finish_reason
-                model_id, up = self.upstream.info.model_id, found.upstream_seconds
-            self._account(status, prompt, completion, up)
-            return pb.RecognizeReply(text=text, model_id=model_id, cache_status=STATUS[status],
-                                     usage=pb.Usage(prompt_tokens=prompt, completion_tokens=completion),
-                                     finish_reason=finish, request_id=c.request_id,
-                                     timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=up))
+            return pb.RecognizeReply(text=outcome.text, **self._summary(c, outcome, status, t0, upstream_s))
         finally:
             self.metrics.in_flight.dec()
+
+    async def _pieces(self, kind: str, found, done: list):
+        """The answer's text as it becomes available; `done` receives (outcome, upstream seconds)."""
+        if kind == "cached":
+            done.append((found, 0.0))
+            yield found.text
+            return
+        sent = 0
+        try:
+            async for delta in found.follow():
+                sent += len(delta)
+                yield delta
+            outcome = self._outcome(found.answer)
+        finally:
+            self.flights.leave(found)
+        if outcome.text[sent:]:  # following a unary call: its answer comes whole, at the end
+            yield outcome.text[sent:]
+        done.append((outcome, found.upstream_seconds))
 
     async def RecognizeStream(self, request, context):
         t0 = time.perf_counter()
@@ -179,35 +198,13 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         try:
             c = self.check(request)
             kind, found, status = await self._resolve(c, context, stream=True)
-            first = True
-            if kind == "cached":
-                yield pb.RecognizeChunk(text=found.text)
-                self.metrics.first_chunk.observe(time.perf_counter() - t0)
-                prompt, completion, finish, model_id, up = (found.prompt_tokens, found.completion_tokens,
-                                                            found.finish_reason, found.model_id, 0.0)
-            else:
-                sent = []
-                try:
-                    async for delta in found.follow():
-                        if first:
-                            self.metrics.first_chunk.observe(time.perf_counter() - t0)
-                            first = False
-                        sent.append(delta)
-                        yield pb.RecognizeChunk(text=delta)
-                    answer = found.answer
-                finally:
-                    self.flights.leave(found)
-                rest = answer.text[len("".join(sent)):]
-                if rest:  # following a unary call: its answer comes whole, at the end
-                    if first:
-                        self.metrics.first_chunk.observe(time.perf_counter() - t0)
-                    yield pb.RecognizeChunk(text=rest)
-                prompt, completion, finish = answer.prompt_tokens, answer.completion_tokens, answer.finish_reason
-                model_id, up = self.upstream.info.model_id, found.upstream_seconds
-            self._account(status, prompt, completion, up)
-            yield pb.RecognizeChunk(final=True, model_id=model_id, cache_status=STATUS[status],
-                                    usage=pb.Usage(prompt_tokens=prompt, completion_tokens=completion),
-                                    finish_reason=finish, request_id=c.request_id,
-                                    timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=up))
+            done, first = [], True
+            async for piece in self._pieces(kind, found, done):
+                if first:
+                    self.metrics.first_chunk.observe(time.perf_counter() - t0)
+                    first = False
+                yield pb.RecognizeChunk(text=piece)
+            outcome, upstream_s = done[0]
+            yield pb.RecognizeChunk(final=True, **self._summary(c, outcome, status, t0, upstream_s))
         finally:
             self.metrics.in_flight.dec()

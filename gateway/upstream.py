@@ -72,12 +72,6 @@ class Upstream:
             raise Unavailable(f"the model server at {self.url} is not ready; retry shortly")
         return self.info
 
-    def lost(self) -> None:
-        """A call failed as if Triton were gone: stop advertising readiness until the next check."""
-        if self.ready:
-            self.ready = False
-            self.on_change(False)
-
     async def close(self) -> None:
         if self._task:
             self._task.cancel()

@@ -377,7 +377,8 @@ class Engine:
             self._drop(done)
 
     def _drop(self, indices: list[int]) -> None:
-        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
         if not keep:
             self._reset()
             return

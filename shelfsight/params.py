@@ -47,41 +47,33 @@ class GenerationParams:
         return asdict(self)
 
 
-def resolve(defaults: GenerationParams, limits: Limits, *, max_new_tokens=None, temperature=None,
-            top_p=None, top_k=None, repetition_penalty=None, seed=None) -> GenerationParams:
-    """Fill absent values from `defaults` and check every value; errors name the field and its range."""
-    p = defaults
-    if max_new_tokens is not None:
-        v = int(max_new_tokens)
-        if not 1 <= v <= limits.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens must be between 1 and {limits.max_new_tokens}, got {v}")
-        p = replace(p, max_new_tokens=v)
-    if temperature is not None:
-        v = float(temperature)
-        if not 0.0 <= v <= 2.0:  # NaN fails too
-            raise InvalidArgument(f"temperature must be between 0 and 2 (0 = greedy), got {v}")
-        p = replace(p, temperature=v)
-    if top_p is not None:
-        v = float(top_p)
-        if not 0.0 < v <= 1.0:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {v}")
-        p = replace(p, top_p=v)
-    if top_k is not None:
-        v = int(top_k)
-        if not 0 <= v <= qwen.VOCAB_SIZE:
-            raise InvalidArgument(f"top_k must be between 0 (off) and {qwen.VOCAB_SIZE}, got {v}")
-        p = replace(p, top_k=v)
-    if repetition_penalty is not None:
-        v = float(repetition_penalty)
-        if not 0.0 < v <= 2.0:
-            raise InvalidArgument(f"repetition_penalty must be in (0, 2], got {v}")
-        p = replace(p, repetition_penalty=v)
-    if seed is not None:
-        v = int(seed)
-        if not 0 <= v <= MAX_SEED:
-            raise InvalidArgument(f"seed must be between 0 and 2^63-1, got {v}")
-        p = replace(p, seed=v)
-    return p
+# field -> (cast, is the value allowed, what the message says the range is)
+_RULES = {
+    "max_new_tokens": (int, lambda v, lim: 1 <= v <= lim.max_new_tokens,
+                       lambda lim: f"must be between 1 and {lim.max_new_tokens}"),
+    "temperature": (float, lambda v, lim: 0.0 <= v <= 2.0, lambda lim: "must be between 0 and 2 (0 = greedy)"),
+    "top_p": (float, lambda v, lim: 0.0 < v <= 1.0, lambda lim: "must be in (0, 1]"),
+    "top_k": (int, lambda v, lim: 0 <= v <= qwen.VOCAB_SIZE, lambda lim: f"must be between 0 (off) and {qwen.VOCAB_SIZE}"),
+    "repetition_penalty": (float, lambda v, lim: 0.0 < v <= 2.0, lambda lim: "must be in (0, 2]"),
+    "seed": (int, lambda v, lim: 0 <= v <= MAX_SEED, lambda lim: "must be between 0 and 2^63-1"),
+}
+
+
+def resolve(defaults: GenerationParams, limits: Limits, **given) -> GenerationParams:
+    """Fill absent (None) values from `defaults` and check every given one; an error names the field
+    and its range. Comparisons are written so that NaN fails them."""
+    changes = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in _RULES:
+            raise InvalidArgument(f"unknown generation parameter {name!r}")
+        cast, allowed, limit = _RULES[name]
+        v = cast(value)
+        if not allowed(v, limits):
+            raise InvalidArgument(f"{name} {limit(limits)}, got {v}")
+        changes[name] = v
+    return replace(defaults, **changes)
 
 
 def check_text(field: str, text: str, limit: int, required: bool) -> str:

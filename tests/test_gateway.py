@@ -18,7 +18,7 @@ from PIL import Image
 from shelfsight import errors
 from shelfsight.client import AsyncShelfsightClient, ShelfsightClient
 from tests import imagefiles
-from tests.conftest import ROOT, make_repository, run, running_gateway, running_triton, scrape
+from tests.conftest import ROOT, make_repository, run, running_gateway, scrape
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
 

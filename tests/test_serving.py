@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from shelfsight import errors, imaging
 from shelfsight.checkpoint import load_model

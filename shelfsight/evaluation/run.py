@@ -82,7 +82,7 @@ def _row(name: str, a: dict) -> str:
 def render(report: dict) -> str:
     head = "| | images | category accuracy % | attribute completeness % | OCR F1 % | weighted total % |"
     sep = "|---|---|---|---|---|---|"
-    lines = [f"# Product-recognition evaluation", "",
+    lines = ["# Product-recognition evaluation", "",
              f"Dataset `{report['dataset']}`, model {', '.join(report['model_id']) or '-'}; settings "
              + ", ".join(f"{k} {v}" for k, v in report["settings"].items()) + ".",
              "Weighted total = 0.40 x category + 0.35 x attributes + 0.25 x OCR, computed from the averages.", "",

@@ -11,6 +11,7 @@ import torch
 
 from shelfsight import manifest as manifest_mod
 from shelfsight import params
+from shelfsight.errors import InvalidArgument
 from shelfsight.preprocessing import load_preprocessor
 from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
 
@@ -29,7 +30,7 @@ class TritonPythonModel:
         try:
             image = array(request, "IMAGE")
             if image is None:
-                raise params.InvalidArgument("IMAGE is missing")
+                raise InvalidArgument("IMAGE is missing")
             gen = params.resolve(
                 self.manifest.generation, self.manifest.limits,
                 max_new_tokens=scalar(request, "MAX_NEW_TOKENS", int), temperature=scalar(request, "TEMPERATURE", float),
