@@ -27,8 +27,8 @@ class GatewayMetrics:
         self.msg_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.",
                                 grpc_labels, registry=r)
         self.upstream = Histogram("shelfsight_upstream_request_duration_seconds",
-                                  "Time waiting on Triton for one model call.", ("rpc", "outcome"),
-                                  buckets=LATENCY, registry=r)
+                                  "Time waiting on Triton for one model call, by outcome (a status name).",
+                                  ("outcome",), buckets=LATENCY, registry=r)
         self.first_chunk = Histogram("shelfsight_time_to_first_chunk_seconds",
                                      "RecognizeStream: request to first text chunk.", buckets=LATENCY, registry=r)
         self.cache_lookups = Counter("shelfsight_cache_lookups_total", "Result-cache lookups by level and result.",

@@ -83,24 +83,22 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         return limit if remaining is None else max(0.001, min(limit, remaining - 0.02))
 
     # ---- the model call ----
-    async def _call(self, flight: Flight, c: Checked, probe: Probe | None, timeout: float, stream: bool) -> None:
-        client = self.upstream.client
+    async def _call(self, flight: Flight, c: Checked, probe: Probe | None, timeout: float) -> None:
+        """One model call. Always through `pipeline_stream`, also for unary replies (they join the
+        deltas): one path into the engine, without the BLS hop of the unary ensemble, and any
+        request - streaming or not - can follow any flight."""
         kw = dict(timeout=timeout, request_id=c.request_id, enhance=c.enhance or None,
                   **{k: v for k, v in dataclasses.asdict(c.params).items() if k != "ignore_eos"})
-        rpc = "stream" if stream else "unary"
         self.metrics.model_calls.inc()
         t0 = time.perf_counter()
         outcome = "OK"
         try:
-            if stream:
-                last = None
-                async for delta in client.stream(c.image, c.question, c.system or None, **kw):
-                    if delta.text:
-                        await flight.push(delta.text)
-                    last = delta
-                answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
-            else:
-                answer = await client.infer(c.image, c.question, c.system or None, **kw)
+            last = None
+            async for delta in self.upstream.client.stream(c.image, c.question, c.system or None, **kw):
+                if delta.text:
+                    await flight.push(delta.text)
+                last = delta
+            answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
         except ShelfsightError as e:
             outcome = e.code
             if isinstance(e, Unavailable):
@@ -111,7 +109,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             raise
         finally:
             flight.upstream_seconds = time.perf_counter() - t0
-            self.metrics.upstream.labels(rpc, outcome).observe(flight.upstream_seconds)
+            self.metrics.upstream.labels(outcome).observe(flight.upstream_seconds)
             self.metrics.model_calls.dec()
         if probe is not None and answer.finish_reason in ("stop", "length"):  # complete answers only
             await self.cache.put(probe, c.image, CachedAnswer(answer.text, self.upstream.info.model_id,
@@ -123,7 +121,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 self.metrics.cache_bytes.set(entries_bytes[1])
         await flight.finish(answer)
 
-    async def _resolve(self, c: Checked, context, stream: bool):
+    async def _resolve(self, c: Checked, context):
         """-> ("cached", CachedAnswer, status) or ("flight", Flight, status)."""
         model_id = self.upstream.model().model_id
         probe = None
@@ -135,7 +133,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                     return "cached", hit[0], hit[1]
         share = probe.key.exact if probe is not None and c.policy == pb.CACHE_POLICY_USE else None
         timeout = self._timeout(context)
-        flight, coalesced = self.flights.join(share, lambda f: self._call(f, c, probe, timeout, stream))
+        flight, coalesced = self.flights.join(share, lambda f: self._call(f, c, probe, timeout))
         if coalesced:
             self.metrics.coalesced.inc()
         return "flight", flight, "coalesced" if coalesced else "miss"
@@ -162,7 +160,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         self.metrics.in_flight.inc()
         try:
             c = self.check(request)
-            kind, found, status = await self._resolve(c, context, stream=False)
+            kind, found, status = await self._resolve(c, context)
             if kind == "cached":
                 outcome, upstream_s = found, 0.0
             else:
@@ -197,7 +195,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         self.metrics.in_flight.inc()
         try:
             c = self.check(request)
-            kind, found, status = await self._resolve(c, context, stream=True)
+            kind, found, status = await self._resolve(c, context)
             done, first = [], True
             async for piece in self._pieces(kind, found, done):
                 if first:

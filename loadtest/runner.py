@@ -7,7 +7,6 @@ the change in the gateway's own /metrics over the run.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -73,37 +72,39 @@ def cache_ratios(before: dict, after: dict) -> dict:
             "model_tokens": int(_delta(before, after, "shelfsight_tokens_total", 'kind="completion"', 'source="model"'))}
 
 
-def read_stats(csv_path: Path) -> dict:
-    rows = {}
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            rows[(row["Type"], row["Name"])] = row
+def _percentile(histogram: dict, q: float) -> float:
+    """Locust keeps response times as a histogram {rounded ms: count}."""
+    items = sorted((float(k), n) for k, n in histogram.items())
+    total = sum(n for _, n in items)
+    seen = 0
+    for ms, n in items:
+        seen += n
+        if seen >= q * total:
+            return ms
+    return items[-1][0] if items else 0.0
 
-    def pick(row):
-        def num(k):
-            v = row.get(k, "")
-            return float(v) if v not in ("", "N/A") else 0.0
-        return {"requests": int(num("Request Count")), "failures": int(num("Failure Count")),
-                "rps": round(num("Requests/s"), 3), "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
-                "avg_tokens": round(num("Average Content Size"), 1)}
 
-    out = {"aggregate": pick(rows[("", "Aggregated")]) if ("", "Aggregated") in rows else None, "by_name": {}}
-    for (kind, name), row in rows.items():
-        if kind:
-            out["by_name"][f"{kind} {name}"] = pick(row)
-    # the time-to-first-chunk events are not requests: keep them out of the aggregate
-    ttft = out["by_name"].get("grpc-ttft RecognizeStream")
-    calls = [v for k, v in out["by_name"].items() if k.startswith("grpc ")]
-    if ttft and calls:
-        total = sum(c["requests"] for c in calls)
-        out["aggregate"] = {
-            "requests": total, "failures": sum(c["failures"] for c in calls),
-            "rps": round(sum(c["rps"] for c in calls), 3),
-            # weighted by count: an approximation of the combined percentile
-            **{p: round(sum(c[p] * c["requests"] for c in calls) / max(1, total), 1)
-               for p in ("p50_ms", "p95_ms", "p99_ms")},
-            "avg_tokens": round(sum(c["avg_tokens"] * c["requests"] for c in calls) / max(1, total), 1)}
-    return out
+def _summarize(entries: list[dict]) -> dict:
+    histogram: dict = {}
+    for e in entries:
+        for k, n in e["response_times"].items():
+            histogram[k] = histogram.get(k, 0) + n
+    requests = sum(e["num_requests"] for e in entries)
+    span = max((e["last_request_timestamp"] or 0) for e in entries) - min(e["start_time"] for e in entries)
+    return {"requests": requests, "failures": sum(e["num_failures"] for e in entries),
+            "rps": round(requests / span, 3) if span > 0 else 0.0,
+            "p50_ms": _percentile(histogram, 0.50), "p95_ms": _percentile(histogram, 0.95),
+            "p99_ms": _percentile(histogram, 0.99),
+            "avg_tokens": round(sum(e["total_content_length"] for e in entries) / max(1, requests), 1)}
+
+
+def read_stats(json_path: Path) -> dict:
+    """Locust's final statistics (--json-file; its CSV is written on a timer and can miss the end).
+    The aggregate covers the calls only, not the time-to-first-chunk events."""
+    entries = json.loads(json_path.read_text())
+    by_name = {f"{e['method']} {e['name']}": _summarize([e]) for e in entries}
+    calls = [e for e in entries if e["method"] == "grpc"]
+    return {"aggregate": _summarize(calls) if calls else None, "by_name": by_name}
 
 
 def render_markdown(job: LoadJob, stats: dict, cache: dict, returncode: int) -> str:
@@ -123,7 +124,7 @@ def render_markdown(job: LoadJob, stats: dict, cache: dict, returncode: int) -> 
               "|---|---|---|---|---|---|---|",
               f"| {cache['cache_lookups']} | {cache['exact_hits']} | {cache['perceptual_hits']} | {cache['coalesced']} | "
               f"{cache['exact_hit_ratio']:.1%} | {cache['perceptual_hit_ratio']:.1%} | {cache['hit_ratio']:.1%} |", "",
-              f"Locust exit code {returncode}. Files: locust_stats.csv, locust_failures.csv, report.html."]
+              f"Locust exit code {returncode}. Files: locust_final.json, locust_stats.csv, report.html."]
     return "\n".join(lines) + "\n"
 
 
@@ -142,12 +143,13 @@ def run(job: LoadJob) -> dict:
     cmd = [sys.executable, "-m", "locust", "-f", files, "--headless", "--host", job.target,
            "-u", str(job.users), "-r", str(job.spawn_rate), "-t", f"{job.duration}s", "--stop-timeout", "30",
            "--csv", str(job.out / "locust"), "--html", str(job.out / "report.html"), "--only-summary",
+           "--json-file", str(job.out / "locust_final"),
            "--loglevel", "WARNING", SCENARIOS[job.scenario]]
     env = dict(os.environ, SHELFSIGHT_MAX_NEW_TOKENS=str(job.max_new_tokens), SHELFSIGHT_STEP_DURATION=str(job.duration))
     with open(job.out / "locust.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             timeout=job.duration + 120).returncode
-    stats_file = job.out / "locust_stats.csv"
+    stats_file = job.out / "locust_final.json"
     if not stats_file.exists():
         tail = (job.out / "locust.log").read_text(errors="replace")[-1500:]
         raise Unavailable(f"locust produced no statistics (exit code {rc}):\n{tail}")

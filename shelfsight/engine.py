@@ -23,10 +23,11 @@ import torch
 
 from shelfsight import qwen, sampling
 from shelfsight.detokenize import IncrementalDetokenizer
-from shelfsight.errors import InvalidArgument, ResourceExhausted, ShelfsightError, Unavailable
+from shelfsight.errors import Cancelled, InvalidArgument, ResourceExhausted, ShelfsightError, Unavailable
 from shelfsight.params import GenerationParams
 
 log = logging.getLogger(__name__)
+CANCELLED = Cancelled("the client cancelled the request")
 
 
 class Sink(Protocol):
@@ -138,6 +139,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._abort = False
         self._thread: threading.Thread | None = None
         # running batch state (engine thread only)
         self._rows: list[_Row] = []
@@ -154,11 +156,19 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is running (up to `timeout` seconds), then fail what is left, and return only
+        once the engine thread is gone: the Triton stub tears down right after this returns, and a
+        thread still sending responses into it would crash it."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         if self._thread:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self._cv:
+                    self._abort = True
+                    self._cv.notify_all()
+                self._thread.join()
 
     def submit(self, req: Request) -> None:
         """Queue a request. Raises InvalidArgument for inconsistent inputs, ResourceExhausted when full."""
@@ -203,6 +213,9 @@ class Engine:
                         self._cv.wait(timeout=1.0)
                     if self._stop and not self._rows and not self._waiting:
                         return
+                    if self._abort:
+                        self._fail_all(Unavailable("the model server is shutting down"))
+                        return
                     admitted = self._admit()
                 try:
                     if admitted:
@@ -226,10 +239,17 @@ class Engine:
                 break
             self._waiting.popleft()
             if nxt.sink.is_cancelled():
+                nxt.sink.fail(CANCELLED)
                 continue
             out.append(nxt)
             tokens += nxt.input_ids.numel()
         return out
+
+    def _fail_all(self, error: ShelfsightError) -> None:
+        for req in [row.req for row in self._rows] + list(self._waiting):
+            req.sink.fail(error)
+        self._waiting.clear()
+        self._reset()
 
     def _reset(self) -> None:
         self._rows, self._cache = [], None
@@ -351,6 +371,7 @@ class Engine:
             row = self._rows[i]
             req = row.req
             if req.sink.is_cancelled():
+                req.sink.fail(CANCELLED)  # the last word: without it the request is never completed
                 done.append(i)
                 continue
             if row.first_token_at is None:

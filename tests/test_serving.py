@@ -17,7 +17,7 @@ from shelfsight import errors, imaging
 from shelfsight.checkpoint import load_model
 from shelfsight.pipeline import PipelineClient
 from tests import imagefiles
-from tests.conftest import ROOT, make_repository, run, running_triton
+from tests.conftest import ROOT, make_repository, run, running_triton, scrape
 
 SIZES = [(448, 448), (320, 640), (800, 600), (256, 256), (500, 333), (640, 640), (300, 900), (1024, 768)]
 QUESTIONS = ["What brand is this product?", "List every product you see.", "Read the label.", "What colour is it?"]
@@ -107,6 +107,31 @@ def test_eight_concurrent_equal_eight_sequential(triton):
     concurrent = [a.text for a in run(together())]
     assert concurrent == sequential
     assert len(set(sequential)) == len(sequential)
+
+
+def test_cancelled_stream_is_completed_and_frees_its_row(triton):
+    async def cancel_early():
+        client = PipelineClient(triton.grpc_url)
+        try:
+            got = 0
+            async for _ in client.stream(pictures()[2], QUESTIONS[0], temperature=0.0, max_new_tokens=1500):
+                got += 1
+                if got == 3:
+                    break  # the consumer leaves: the call is cancelled
+        finally:
+            await client.close()
+
+    run(cancel_early())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = scrape(triton.metrics_url)
+        pending = sum(v for k, v in metrics.items() if k.startswith("nv_inference_pending_request_count"))
+        running = sum(v for k, v in metrics.items() if k.startswith("shelfsight_engine_requests_running"))
+        if pending == 0 and running == 0:
+            break
+        time.sleep(0.2)
+    assert pending == 0 and running == 0  # nothing left decoding, nothing left half-open in Triton
+    assert run(ask(triton, pictures()[0], "still serving?", **GREEDY)).completion_tokens == 20
 
 
 def test_defaults_come_from_the_manifest(triton):

@@ -85,6 +85,13 @@ class TritonObserver(Observer):
     def vision_cache(self, hit):
         (self.vc_hit if hit else self.vc_miss).increment(1)
 
+    def close(self):
+        """Release every Metric, then their families: the backend requires that order, and leaving it
+        to interpreter teardown crashed the stub on every shutdown."""
+        for name in ("ttft", "e2e", "tpot", "prompt", "completion", "running", "waiting", "vc_hit", "vc_miss"):
+            setattr(self, name, None)
+        self._families.clear()
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -98,7 +105,8 @@ class TritonPythonModel:
 
         model = load_model(m.checkpoint, device=device, dtype=m.dtype)
         tokenizer = AutoTokenizer.from_pretrained(m.checkpoint)
-        self.engine = Engine(model, tokenizer, m.engine, TritonObserver(args["model_name"]))
+        self.observer = TritonObserver(args["model_name"])
+        self.engine = Engine(model, tokenizer, m.engine, self.observer)
         self.engine.start()
 
     def _request(self, request) -> Request:
@@ -127,4 +135,8 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.engine.stop()
+        # Triton's exit timeout already gave in-flight requests their chance; what is left now gets
+        # an error, and the engine thread is gone before the stub tears down
+        self.engine.stop(timeout=2.0)
+        self.engine = None  # it holds the observer too
+        self.observer.close()
