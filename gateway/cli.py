@@ -19,6 +19,8 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--no-perceptual", action="store_true")
     p.add_argument("--phash-bits", type=int, choices=(64, 256), default=256)
     p.add_argument("--max-distance", type=int, default=10, help="pHash bits that may differ for a perceptual hit")
+    p.add_argument("--max-colour-distance", type=float, default=4.0,
+                   help="and how far the 4x4 colour thumbnails may differ (mean, 0..255)")
     p.add_argument("--cache-sampled", action="store_true", help="also cache sampled answers (no seed, temperature>0)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
 
@@ -31,7 +33,8 @@ def settings_from(args, triton_url: str):
         max_in_flight=args.max_in_flight,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
-                            max_distance=args.max_distance, cache_sampled=args.cache_sampled, redis_url=args.redis))
+                            max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
+                            cache_sampled=args.cache_sampled, redis_url=args.redis))
 
 
 def register(sub) -> None:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -83,6 +84,10 @@ def _outputs(result) -> tuple[str, int, int, str]:
 def to_error(exc: Exception) -> errors.ShelfsightError:
     if isinstance(exc, errors.ShelfsightError):
         return exc
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        # raised by the stream iterator itself (deadline, connection) rather than wrapped by tritonclient
+        details = exc.details() or exc.code().name
+        return errors.parse(details) or _GRPC_STATUS.get(exc.code().name, errors.Internal)(f"triton: {details}")
     message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
     typed = errors.parse(message or "")
     if typed is not None:

@@ -1,0 +1,73 @@
+"""The result cache's parts, without servers: perceptual signatures and the in-memory store."""
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from shelfsight.gateway.cache import MemoryStore, distance, make_key, near, signature
+from shelfsight.gateway.settings import CacheSettings
+from shelfsight.loadtest import images
+
+DEFAULT = CacheSettings()
+# Pairs of *different* product renders whose 256-bit pHashes are at most 10 bits apart (the closest
+# among 300 renders, 44,850 pairs): pHash alone would serve one's answer for the other.
+LOOK_ALIKES = [(140719340484, 140719340593), (140719340527, 140719340755), (140719340517, 140719340661)]
+
+
+def render(seed: int) -> bytes:
+    return images._jpeg(images._render(seed))
+
+
+@pytest.mark.parametrize("a,b", LOOK_ALIKES)
+def test_look_alike_products_are_not_perceptual_matches(a, b):
+    sa, sb = signature(render(a), 256), signature(render(b), 256)
+    assert distance(sa.phash, sb.phash) <= DEFAULT.max_distance  # pHash alone: a false match
+    assert near(sa, sb, DEFAULT.max_distance, DEFAULT.max_colour_distance) is None  # with colour: none
+
+
+def test_reencoded_resized_copies_match():
+    matched = 0
+    for seed in range(40):
+        original = images._render(seed)
+        small = original.resize((int(original.width * 0.9), int(original.height * 0.9)), Image.BICUBIC)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=85)
+        a, b = signature(images._jpeg(original), 256), signature(buf.getvalue(), 256)
+        matched += near(a, b, DEFAULT.max_distance, DEFAULT.max_colour_distance) is not None
+    assert matched >= 36  # measured 39 of 40 on these flat renders (pHash's hardest case)
+
+
+def test_signature_round_trips_through_text():
+    s = signature(render(7), 256)
+    assert type(s).decode(s.encode()) == s and len(s.colour) == 48 and s.phash.bit_length() <= 256
+
+
+def test_keys_cover_model_question_system_parameters_and_enhancement():
+    base = dict(image=b"img", question="What brand?", system="", params={"temperature": 0.0}, model_id="m@1",
+                enhance=False)
+    k = make_key(**base)
+    assert make_key(**(base | {"question": "  What   brand? "})) == k  # whitespace is not a question
+    for change in ({"question": "what brand?"}, {"system": "Be brief."}, {"params": {"temperature": 0.1}},
+                   {"model_id": "m@2"}, {"enhance": True}):
+        assert make_key(**(base | change)).context != k.context, change
+    assert make_key(**(base | {"image": b"other"})).exact != k.exact
+    assert make_key(**(base | {"image": b"other"})).context == k.context
+
+
+def test_memory_store_bounds_bytes_ttl_and_lru():
+    async def scenario():
+        store = MemoryStore(max_bytes=3 * (100 + 256))
+        for key in "abc":
+            await store.put(key, "ctx", None, b"x" * 100, ttl=60)
+        assert await store.get("a") == b"x" * 100  # a is now the most recently used
+        await store.put("d", "ctx", None, b"x" * 100, ttl=60)  # evicts the least recently used: b
+        assert await store.get("b") is None and await store.get("a") and await store.get("d")
+        assert store.stats() == (3, 3 * 356)
+        await store.put("e", "ctx", None, b"x" * 10, ttl=-1)  # already expired
+        assert await store.get("e") is None
+        await store.put("huge", "ctx", None, b"x" * 5000, ttl=60)  # larger than the whole cache
+        assert await store.get("huge") is None
+    asyncio.run(scenario())
