@@ -36,7 +36,8 @@ def show(label: str, r) -> None:
 def metric_lines(url: str, prefixes: tuple[str, ...]) -> list[str]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    return [line for line in text.splitlines() if line.startswith(prefixes) and not line.endswith(" 0.0")]
+    return [line for line in text.splitlines()
+            if line.startswith(prefixes) and float(line.rsplit(" ", 1)[1]) != 0]
 
 
 def main() -> int:
