@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 
-
 def register(sub) -> None:
     export = sub.add_parser("export", help="build, quantize and package checkpoints")
     esub = export.add_subparsers(dest="export_command", required=True, parser_class=type(export))

@@ -135,8 +135,7 @@ def run(job: QuantizeJob, log=print) -> dict:
     if info.scheme != "bf16":
         raise FailedPrecondition(f"{job.model} is already quantized ({info.scheme}); export from the bf16 checkpoint")
     calib, held, calib_kind = calibration.load(job.calibration, job.samples, job.heldout)
-    staging = Staging(job.out, job.force)
-    try:
+    with Staging(job.out, job.force) as staging:  # whole on success, gone on any failure
         t0 = time.perf_counter()
         spec = SCHEMES[job.scheme]
         quantizer = "cast" if spec is None else "rtn"
@@ -162,11 +161,7 @@ def run(job: QuantizeJob, log=print) -> dict:
         manifest = build_manifest(job, info, quantizer, calib, held, calib_kind, quantize_s,
                                   time.perf_counter() - t1, figures)
         (staging.path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        staging.commit()
-        return manifest
-    except BaseException:
-        staging.discard()
-        raise
+    return manifest
 
 
 def build_manifest(job, info, quantizer, calib, held, calib_kind, quantize_s, fidelity_s, figures) -> dict:

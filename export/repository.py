@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from string import Template
 
@@ -54,8 +54,6 @@ def patch_dim(config: dict) -> int:
 
 def public_json(served: manifest.ServingManifest) -> str:
     """The client-facing part of the manifest, escaped for a protobuf text-format string."""
-    from dataclasses import asdict
-
     doc = {k: v for k, v in asdict(served).items() if k in ("model_id", "scheme", "generation", "limits",
                                                            "pixels", "image_limits")}
     return json.dumps(doc, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"')
