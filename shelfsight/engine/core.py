@@ -1,0 +1,190 @@
+"""The generation engine: continuous batching of Qwen3-VL requests on one device.
+
+One thread owns the model. Each iteration: the scheduler admits waiting requests into free KV-cache
+slots; they are prefilled together (vision features reused when the same picture was seen recently)
+and join the batch; the runner decodes one token for every running row; the output stage streams text
+deltas to each request's sink and says which rows finished, whose slots are freed. New requests join at
+the next step instead of waiting for a whole batch to end.
+
+Runners: `slots` (default; fixed KV slots, compact decoder, CUDA graphs on GPU) and `reference`
+(transformers' forward over a DynamicCache), selected by EngineConfig.runner.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from shelfsight import qwen, sampling
+from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight.engine.api import EngineConfig, Observer, Request, SafeObserver
+from shelfsight.engine.batch import Batch, Row
+from shelfsight.engine.output import CANCELLED, OutputStage
+from shelfsight.engine.prefill import VisionCache, prefill, vision
+from shelfsight.engine.scheduler import Scheduler
+from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+
+log = logging.getLogger(__name__)
+RUNNERS = ("slots", "reference")
+
+
+def make_runner(model, config: EngineConfig):
+    if config.runner == "slots":
+        from shelfsight.engine.runner import SlotRunner
+
+        return SlotRunner(model, config)
+    if config.runner == "reference":
+        from shelfsight.engine.reference import ReferenceRunner
+
+        return ReferenceRunner(model)
+    raise InvalidArgument(f"unknown engine runner {config.runner!r}; choose one of {', '.join(RUNNERS)}")
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), observer: Observer | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
+        self.observer = SafeObserver(observer or Observer())
+        self.vision_cache = VisionCache(config.vision_cache_bytes)
+        self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.max_waiting,
+                                                       config.max_prefill_tokens)
+        self.runner = make_runner(model, config)
+        self.output = OutputStage(self.observer)
+        self.batch = Batch()  # engine thread only
+        self._cv = threading.Condition()
+        self._stop = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+
+    # ---- public API (any thread) ----
+    def start(self) -> None:
+        """Capture the decode graphs (on CUDA), then start the engine thread."""
+        if hasattr(self.runner, "warm_up"):
+            self.runner.warm_up()
+        self._thread = threading.Thread(target=self._loop, name="shelfsight-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is running (up to `timeout` seconds), then fail what is left, and return only
+        once the engine thread is gone: the Triton stub tears down right after this returns, and a
+        thread still sending responses into it would crash it."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self._cv:
+                    self._abort = True
+                    self._cv.notify_all()
+                self._thread.join()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request. Raises InvalidArgument for inconsistent inputs, ResourceExhausted when full."""
+        self._validate(req)
+        with self._cv:
+            if self._stop:
+                raise Unavailable("the engine is shutting down")
+            self.scheduler.enqueue(req)
+            self._cv.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) right now."""
+        with self._cv:
+            return self.scheduler.running, len(self.scheduler.waiting)
+
+    def _validate(self, req: Request) -> None:
+        ids = req.input_ids
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise InvalidArgument("input_ids must be a non-empty 1-D sequence")
+        pads = int((ids == qwen.IMAGE_PAD_ID).sum())
+        if req.grid_thw.numel() != 3 or int(req.grid_thw[0]) != 1:
+            raise InvalidArgument(f"image_grid_thw must be (1, h, w), got {req.grid_thw.tolist()}")
+        if req.pixel_values.shape[0] != int(req.grid_thw.prod()):
+            raise InvalidArgument(f"pixel_values has {req.pixel_values.shape[0]} patches, grid says "
+                                  f"{int(req.grid_thw.prod())}")
+        if pads != req.image_tokens:
+            raise InvalidArgument(f"prompt has {pads} image tokens, the image needs {req.image_tokens}")
+        total = ids.numel() + req.params.max_new_tokens
+        if total > self.config.max_model_len:
+            raise InvalidArgument(f"prompt ({ids.numel()} tokens) + max_new_tokens "
+                                  f"({req.params.max_new_tokens}) exceeds the model length {self.config.max_model_len}")
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stop and not self.scheduler.waiting and not len(self.batch):
+                        self._cv.wait(timeout=1.0)
+                    if self._stop and not len(self.batch) and not self.scheduler.waiting:
+                        return
+                    if self._abort:
+                        self._fail_all(Unavailable("the model server is shutting down"))
+                        return
+                    admitted, cancelled = self.scheduler.admit()
+                for req in cancelled:
+                    req.sink.fail(CANCELLED)
+                try:
+                    if admitted:
+                        self._prefill_group(admitted)
+                    if len(self.batch):
+                        self._decode_step()
+                except Exception as e:  # the batch is lost; every request in it gets the error
+                    log.exception("engine step failed")
+                    self._fail_running(Unavailable(f"generation failed: {type(e).__name__}: {e}"))
+                self.observer.step(*self.load())
+
+    def _finish(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.batch.remove(row.slot)
+            self.runner.release(row.slot)
+            with self._cv:
+                self.scheduler.release(row.slot)
+
+    def _fail_running(self, error: ShelfsightError) -> None:
+        rows = self.batch.rows()
+        for row in rows:
+            row.req.sink.fail(error)
+        self._finish(rows)
+        self.runner.reset()
+
+    def _fail_all(self, error: ShelfsightError) -> None:  # called under the lock
+        for req in self.scheduler.drain():
+            req.sink.fail(error)
+        for row in self.batch.rows():
+            row.req.sink.fail(error)
+            self.batch.remove(row.slot)
+            self.scheduler.release(row.slot)
+        self.runner.reset()
+
+    def _prefill_group(self, admitted: list[tuple[Request, int]]) -> None:
+        rows = [Row(req, slot, sampling.seed_for(req.params), IncrementalDetokenizer(self.tokenizer))
+                for req, slot in admitted]
+        try:
+            pre = prefill(self.model, [r.req for r in rows],
+                          vision(self.model, [r.req for r in rows], self.vision_cache, self.observer))
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("prefill failed")
+                rows[0].req.sink.fail(Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
+                with self._cv:
+                    self.scheduler.release(rows[0].slot)
+                return
+            # isolate the culprit: each request again on its own
+            for pair in admitted:
+                self._prefill_group([pair])
+            return
+        for r, n, d in zip(rows, pre.lengths, pre.deltas):
+            r.length, r.delta = n, d
+            self.batch.add(r)
+        tokens = self.runner.start(rows, pre)
+        self._finish(self.output.emit(rows, tokens))
+
+    def _decode_step(self) -> None:
+        rows = self.batch.rows()
+        tokens = self.runner.decode(rows, self.batch.greedy())
+        for r in rows:
+            r.length += 1
+        self._finish(self.output.emit(rows, tokens))

@@ -1,0 +1,131 @@
+"""A compact Qwen3 text-decoder step over the transformers model's own weights, reading and writing a
+KV cache of fixed slots.
+
+Per layer (about 15 kernels instead of transformers' ~50): RMSNorm, one q|k|v matmul, q/k RMSNorm over
+head_dim before RoPE (as Qwen3 does), RoPE from a cos/sin table at each row's position, K/V written into
+the row's slot, attention over the row's cached length, o matmul, RMSNorm, one gate|up matmul, SiLU*up,
+down matmul. No host syncs and only static shapes for a given (rows, KV length), so a step can be
+captured as a CUDA graph; on CPU the same code runs eagerly.
+
+Cache layout, per layer: K, V [slots + 1, kv_heads, max_len, head_dim]; the extra slot absorbs the
+writes of padding rows. Batch row b reads slot b: the rows of a step are slots 0..B-1, padding rows
+being the free slots among them (their writes go to the spare slot, their outputs are ignored).
+Attention uses the "GQA as rows" view: q [B, 16, D] -> [B, 8, 2, D] against unexpanded K [B, 8, L, D]
+with a [B, 1, 1, L] mask, which SDPA's memory-efficient kernel takes (with enable_gqa it would fall
+back to the slow math kernel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shelfsight.qlinear import fuse
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen3 RMSNorm, operation for operation (float32 statistics)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    qkv: nn.Module
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o: nn.Module
+    ln2: torch.Tensor
+    gate_up: nn.Module
+    down: nn.Module
+
+
+class Decoder:
+    def __init__(self, model, slots: int, max_len: int):
+        lm = model.model.language_model
+        cfg = lm.config
+        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
+        self.eps, self.slots, self.max_len = cfg.rms_norm_eps, slots, max_len
+        self.embed = lm.embed_tokens.weight
+        self.norm = lm.norm.weight
+        self.lm_head = model.lm_head
+        dev, dtype = self.embed.device, self.embed.dtype
+        self.device, self.dtype = dev, dtype
+        self.layers = []
+        for layer in lm.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                ln1=layer.input_layernorm.weight, qkv=fuse([a.q_proj, a.k_proj, a.v_proj]),
+                q_norm=a.q_norm.weight, k_norm=a.k_norm.weight, o=a.o_proj,
+                ln2=layer.post_attention_layernorm.weight, gate_up=fuse([m.gate_proj, m.up_proj]),
+                down=m.down_proj))
+        with torch.inference_mode():
+            shape = (slots + 1, self.hkv, max_len, self.d)
+            self.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers]
+            self.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers]
+            # RoPE as transformers computes it (float32 position * inv_freq), one row per position
+            rope = lm.rotary_emb
+            freqs = torch.arange(max_len, device=dev).float()[:, None] * rope.inv_freq.float().to(dev)[None]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
+            self.cos = (emb.cos() * rope.attention_scaling).to(dtype)
+            self.sin = (emb.sin() * rope.attention_scaling).to(dtype)
+            self.positions = torch.arange(max_len, device=dev)
+            self.heads = torch.arange(self.hkv, device=dev)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.hkv * self.d * self.k[0].element_size()
+
+    def write_prompt(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: list[int],
+                     slots: list[int], lengths: list[int]) -> None:
+        """Copy prefilled K/V ([k, kv_heads, L, D] per layer, row i left-padded to L with lengths[i]
+        real tokens) into cache slots[i] positions [0, lengths[i])."""
+        L, H, T = keys[0].shape[2], self.hkv, self.max_len
+        src, dst = [], []
+        for i, s, n in zip(rows, slots, lengths):
+            pos = torch.arange(n)
+            for h in range(H):
+                src.append((i * H + h) * L + (L - n) + pos)
+                dst.append((s * H + h) * T + pos)
+        src, dst = torch.cat(src).to(self.device), torch.cat(dst).to(self.device)
+        for cache, new in ((self.k, keys), (self.v, values)):
+            for layer, t in zip(cache, new):
+                layer.view(-1, self.d).index_copy_(0, dst, t.reshape(-1, self.d).index_select(0, src).to(self.dtype))
+
+    def forward(self, tokens: torch.Tensor, cache_pos: torch.Tensor, rope_pos: torch.Tensor,
+                write_slot: torch.Tensor, kv_len: torch.Tensor, L: int) -> torch.Tensor:
+        """One token for each of B rows (row b = slot b) -> logits [B, V] float32.
+        tokens, cache_pos (where the token's K/V go), rope_pos, write_slot, kv_len (keys to attend,
+        this token included): [B] int64. L >= max(kv_len): the cached length the step reads."""
+        B, H, G, D = tokens.shape[0], self.hkv, self.hq // self.hkv, self.d
+        x = F.embedding(tokens, self.embed)  # [B, hidden]
+        cos, sin = self.cos[rope_pos][:, None], self.sin[rope_pos][:, None]  # [B, 1, D]
+        mask = (self.positions[:L][None] < kv_len[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        where = ((write_slot[:, None] * H + self.heads[None]) * self.max_len + cache_pos[:, None]).reshape(-1)
+        for w, kc, vc in zip(self.layers, self.k, self.v):
+            h = rms_norm(x, w.ln1, self.eps)
+            q, k, v = w.qkv(h).split([self.hq * D, H * D, H * D], dim=-1)
+            q = rms_norm(q.reshape(B, self.hq, D), w.q_norm, self.eps)
+            k = rms_norm(k.reshape(B, H, D), w.k_norm, self.eps)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            kc.view(-1, D).index_copy_(0, where, k.reshape(-1, D))
+            vc.view(-1, D).index_copy_(0, where, v.reshape(-1, D))
+            att = F.scaled_dot_product_attention(q.view(B, H, G, D), kc[:B, :, :L], vc[:B, :, :L],
+                                                 attn_mask=mask, scale=D ** -0.5)  # [B, H, G, D]
+            x = x + w.o(att.reshape(B, self.hq * D))
+            h = rms_norm(x, w.ln2, self.eps)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
+        return self.lm_head(rms_norm(x, self.norm, self.eps)).float()

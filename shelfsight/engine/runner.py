@@ -1,0 +1,135 @@
+"""The slot runner: prefill through transformers, decode through the compact decoder over fixed KV
+slots, one (graph-captured on CUDA) step per token for every running row.
+
+Device state, per slot (allocated once; index `slots` is the spare that padding rows write to):
+    tokens [S+1] int64   the last chosen token, the next step's input
+    seen [S+1, V] bool   tokens seen (prompt + answer), for the repetition penalty
+    sampling params [S+1] (sampling.RowParams)
+    meta [4, S+1] int64  per step, from the host: cache_pos, rope_pos, write_slot, kv_len
+A step reads rows 0..B-1 (B the batch bucket over the highest running slot), writes each running row's
+K/V, token and seen mark into its slot, and leaves the chosen tokens in `out`; the host reads them with
+one copy, the step's only sync.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from shelfsight import sampling
+from shelfsight.engine.api import EngineConfig
+from shelfsight.engine.batch import Row
+from shelfsight.engine.decoder import Decoder
+from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
+from shelfsight.engine.prefill import Prefilled
+
+CACHE_POS, ROPE_POS, WRITE_SLOT, KV_LEN = range(4)
+
+
+class SlotRunner:
+    def __init__(self, model, config: EngineConfig):
+        self.config = config
+        S = self.spare = config.max_batch
+        self.decoder = Decoder(model, S, config.max_model_len)
+        dev = self.device = self.decoder.device
+        vocab = self.decoder.lm_head.weight.shape[0]
+        self.batch_buckets = batch_buckets(S)
+        self.kv_buckets = kv_buckets(config.max_model_len)
+        with torch.inference_mode():
+            self.tokens = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+            self.out = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+            self.seen = torch.zeros(S + 1, vocab, dtype=torch.bool, device=dev)
+            self.params = sampling.RowParams.empty(S + 1, dev)
+            self.meta = torch.zeros(4, S + 1, dtype=torch.int64, device=dev)
+            self._true = torch.ones(S + 1, dtype=torch.bool, device=dev)
+        cuda = dev.type == "cuda"
+        self.meta_host = torch.zeros(4, S + 1, dtype=torch.int64, pin_memory=cuda)
+        self.out_host = torch.zeros(S + 1, dtype=torch.int64, pin_memory=cuda)
+        self._meta_np = self.meta_host.numpy()
+        self.graphs = StepGraphs(self._step, enabled=cuda and config.cuda_graphs, harmless=self._harmless)
+
+    def reset(self) -> None:
+        """Nothing to drop: a slot's state is overwritten when a request is next admitted into it."""
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        """Capture the graphs most traffic needs before the first request (CUDA only)."""
+        kv = [L for L in self.kv_buckets if L <= max(self.config.warm_kv_len, self.kv_buckets[0])]
+        with torch.inference_mode():
+            self.graphs.warm_up([(B, L, g) for B in self.batch_buckets for L in kv for g in (True, False)])
+
+    # ---- prefill ----
+    def start(self, rows: list[Row], pre: Prefilled) -> list[int]:
+        """Move freshly prefilled rows into their slots; returns their first tokens."""
+        dev = self.device
+        slots = [r.slot for r in rows]
+        self.decoder.write_prompt([layer.keys for layer in pre.cache.layers],
+                                  [layer.values for layer in pre.cache.layers],
+                                  list(range(len(rows))), slots, pre.lengths)
+        index = torch.tensor(slots, device=dev)
+        self.seen[index] = False
+        for r in rows:
+            self.seen[r.slot, r.req.input_ids.to(dev)] = True
+            self.params.set_row(r.slot, r.req.params, r.seed)
+        p = sampling.RowParams(*(t[index] for t in (self.params.temperature, self.params.top_k, self.params.top_p,
+                                                      self.params.penalty, self.params.seed)))
+        position = torch.tensor([r.length for r in rows], device=dev)
+        first = sampling.sample(pre.logits, self.seen[index], p, position, all(r.req.params.greedy for r in rows))
+        self.seen[index, first] = True
+        self.tokens[index] = first
+        return first.tolist()
+
+    # ---- decode ----
+    def _fill_meta(self, rows: list[Row]) -> tuple[int, int]:
+        """Host metadata for one step -> (batch bucket B, KV bucket L); rows of free slots below B are
+        padding: position 0, one key, writes to the spare slot."""
+        B = pick(self.batch_buckets, max(r.slot for r in rows) + 1)
+        L = pick(self.kv_buckets, max(r.length for r in rows) + 1)
+        m = self._meta_np
+        m[:, :B] = 0
+        m[WRITE_SLOT, :B] = self.spare
+        m[KV_LEN, :B] = 1
+        for r in rows:
+            m[:, r.slot] = (r.length, r.rope_position, r.slot, r.length + 1)
+        self.meta[:, :B].copy_(self.meta_host[:, :B], non_blocking=True)
+        return B, L
+
+    def _step(self, B: int, L: int, greedy: bool) -> None:
+        m = self.meta[:, :B]
+        logits = self.decoder.forward(self.tokens[:B], m[CACHE_POS], m[ROPE_POS], m[WRITE_SLOT], m[KV_LEN], L)
+        # the new token's index in its sequence (= kv_len) keys the sampling noise
+        tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], greedy)
+        self.seen.index_put_((m[WRITE_SLOT], tok), self._true[:B])
+        self.tokens.index_copy_(0, m[WRITE_SLOT], tok)
+        self.out[:B].copy_(tok)
+
+    @contextlib.contextmanager
+    def _harmless(self, B: int):
+        """Every row of a B-row step points at the spare slot (a graph's warm-up run)."""
+        saved = self.meta.clone()
+        self.meta[:, :B] = 0
+        self.meta[WRITE_SLOT, :B] = self.spare
+        self.meta[KV_LEN, :B] = 1
+        try:
+            yield
+        finally:
+            self.meta.copy_(saved)
+
+    def decode(self, rows: list[Row], greedy: bool) -> list[int]:
+        """One token for every running row (rows in any order) -> tokens in `rows` order."""
+        B, L = self._fill_meta(rows)
+        self.graphs.run(B, L, greedy)
+        self.out_host[:B].copy_(self.out[:B])  # the step's one sync
+        out = self.out_host.tolist()
+        return [out[r.slot] for r in rows]
+
+    def logits(self, rows: list[Row]) -> torch.Tensor:
+        """The decode step's logits [len(rows), V] for the rows' current state, eagerly (parity checks).
+        Writes the same K/V that the next decode step writes."""
+        B, L = self._fill_meta(rows)
+        m = self.meta[:, :B]
+        logits = self.decoder.forward(self.tokens[:B], m[CACHE_POS], m[ROPE_POS], m[WRITE_SLOT], m[KV_LEN], L)
+        return logits[torch.tensor([r.slot for r in rows], device=self.device)]
