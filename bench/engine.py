@@ -1,11 +1,12 @@
-"""Engine vs plain transformers generate(), same model, same run.
+"""Engine runners against each other and against plain transformers generate(), same model, same run.
 
-    python bench/engine.py                       # tiny random model on CPU (runs anywhere)
-    python bench/engine.py --shape 2b --device cuda --dtype bfloat16 --new-tokens 128   # GPU host
+    python bench/engine.py                       # tiny random model on CPU: slot runner vs reference runner
+    python bench/engine.py --shape 2b --device cuda --dtype bfloat16 --new-tokens 128 --generate
 
-Reports, for concurrency 1, 8 and 32 (answers forced to --new-tokens tokens, greedy, one 448x448
-product photo each): time to first token, ms per output token, requests/s and tokens/s, and the ratio
-engine / generate(). generate() runs each concurrency level as one left-padded batch, its best case.
+Reports, per concurrency level (closed loop: that many requests in flight, --rounds x concurrency in
+all; answers forced to --new-tokens tokens, greedy, one 448x448 product photo each): time to first
+token, ms per output token, requests/s and tokens/s, and the tokens/s ratio against the reference
+runner (or generate(), which runs each level as one left-padded batch, its best case).
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ from shelfsight.preprocessing import Preprocessor, PixelPolicy  # noqa: E402
 
 
 class Timed:
-    def __init__(self):
+    def __init__(self, on_done=None):
         self.t0 = time.perf_counter()
         self.first = self.last = None
         self.done = threading.Event()
         self.tokens = 0
+        self.error = None
+        self.on_done = on_done
 
     def is_cancelled(self):
         return False
@@ -43,9 +46,14 @@ class Timed:
         if finish:
             self.last = now
             self.done.set()
+            if self.on_done:
+                self.on_done()
 
     def fail(self, error):
-        raise SystemExit(f"request failed: {error}")
+        self.error = error
+        self.done.set()
+        if self.on_done:
+            self.on_done()
 
 
 def build_model(shape: str, device: str, dtype: str):
@@ -70,24 +78,40 @@ def requests(pre, n: int):
     return out
 
 
-def run_engine(engine, inputs, new_tokens):
+def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
+    """Closed loop: `concurrency` requests in flight until all `inputs` are answered."""
     p = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    sinks = []
-    for x in inputs:
-        s = Timed()
+    todo = list(inputs)
+    sinks, lock, all_done = [], threading.Lock(), threading.Event()
+
+    def submit_next():
+        with lock:
+            if not todo:
+                if all(s.done.is_set() for s in sinks):
+                    all_done.set()
+                return
+            x = todo.pop(0)
+            s = Timed(on_done=submit_next)
+            sinks.append(s)
         engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
                               torch.from_numpy(x.image_grid_thw), f"bench-{time.perf_counter()}", p, s))
-        sinks.append(s)
-    for s in sinks:
-        s.done.wait()
+
+    t0 = time.perf_counter()
+    for _ in range(min(concurrency, len(inputs))):
+        submit_next()
+    if not all_done.wait(1800):
+        raise SystemExit("engine bench timed out")
     wall = time.perf_counter() - t0
-    ttft = statistics.median(s.first - s.t0 for s in sinks)
-    tpot = statistics.median((s.last - s.first) / max(1, s.tokens - 1) for s in sinks)
-    return wall, ttft, tpot
+    failed = [s.error for s in sinks if s.error]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
+    return {"wall_s": wall, "requests": len(sinks), "tokens": sum(s.tokens for s in sinks),
+            "ttft_ms": 1000 * statistics.median(s.first - s.t0 for s in sinks),
+            "ms_per_token": 1000 * statistics.median((s.last - s.first) / max(1, s.tokens - 1) for s in sinks),
+            "req_s": len(sinks) / wall, "tok_s": sum(s.tokens for s in sinks) / wall}
 
 
-def run_generate(model, inputs, new_tokens, device):
+def run_generate(model, inputs, new_tokens, device) -> dict:
     """One left-padded batch through transformers' generate()."""
     from shelfsight import qwen
 
@@ -101,7 +125,7 @@ def run_generate(model, inputs, new_tokens, device):
                  mm_token_type_ids=(ids == qwen.IMAGE_PAD_ID).long().to(device),
                  pixel_values=torch.cat([torch.from_numpy(x.pixel_values) for x in inputs]).to(device),
                  image_grid_thw=torch.stack([torch.from_numpy(x.image_grid_thw) for x in inputs]).to(device))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
     model.generate(**batch, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -111,7 +135,23 @@ def run_generate(model, inputs, new_tokens, device):
     model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     sync()
     wall = time.perf_counter() - t0
-    return wall, ttft, (wall - ttft) / max(1, new_tokens - 1)
+    n = len(inputs)
+    return {"wall_s": wall, "requests": n, "tokens": n * new_tokens, "ttft_ms": 1000 * ttft,
+            "ms_per_token": 1000 * (wall - ttft) / max(1, new_tokens - 1), "req_s": n / wall,
+            "tok_s": n * new_tokens / wall}
+
+
+def make_engine(model, tokenizer, runner: str, max_batch: int, max_model_len: int) -> Engine:
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=max_batch, max_waiting=4096, max_prefill_tokens=16_384,
+                                                   max_model_len=max_model_len, vision_cache_bytes=0,
+                                                   runner=runner))
+    engine.start()
+    return engine
+
+
+def row(c, name, r, base) -> str:
+    return (f"| {c} | {name} | {r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "
+            f"{r['tok_s'] / base['tok_s']:.2f} |")
 
 
 def main() -> None:
@@ -121,29 +161,36 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--generate", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference runner")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = build_model(args.shape, args.device, args.dtype)
     pre = Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=64, max_waiting=512, max_prefill_tokens=16_384,
-                                                   vision_cache_bytes=0))
-    engine.start()
     levels = [int(c) for c in args.concurrency.split(",")]
+    max_len = 512 + args.new_tokens
+    runners = ["slots"] + ([] if args.no_reference else ["reference"])
+    engines = {r: make_engine(model, tokenizer, r, max(levels), max_len) for r in runners}
     warm = requests(pre, 2)
-    run_engine(engine, warm, 4)
-    run_generate(model, warm, 4, args.device)
+    for e in engines.values():
+        run_engine(e, warm, 2, 4)
     print(f"# {args.shape} random Qwen3-VL, {args.device} {args.dtype}, {args.new_tokens} new tokens, 448x448")
-    print("| concurrency | system | TTFT ms | ms/token | req/s | tok/s | req/s ratio |")
+    print("| concurrency | system | TTFT ms | ms/token | req/s | tok/s | tok/s ratio |")
     print("|---|---|---|---|---|---|---|")
     for c in levels:
-        inputs = requests(pre, c)
-        gw, gt, gp = run_generate(model, inputs, args.new_tokens, args.device)
-        ew, et, ep = run_engine(engine, inputs, args.new_tokens)
-        for name, (w, t, p) in (("generate()", (gw, gt, gp)), ("engine", (ew, et, ep))):
-            print(f"| {c} | {name} | {t * 1000:.1f} | {p * 1000:.2f} | {c / w:.2f} | {c * args.new_tokens / w:.0f} | "
-                  f"{'1.00' if name == 'generate()' else f'{gw / ew:.2f}'} |", flush=True)
-    engine.stop()
+        inputs = requests(pre, c * args.rounds)
+        results = {}
+        if args.generate:
+            results["generate()"] = run_generate(model, inputs[:c], args.new_tokens, args.device)
+        for name, e in engines.items():
+            results[f"engine/{name}"] = run_engine(e, inputs, c, args.new_tokens)
+        base = results.get("engine/reference") or results.get("generate()") or results["engine/slots"]
+        for name, r in results.items():
+            print(row(c, name, r, base), flush=True)
+    for e in engines.values():
+        e.stop()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class ServingManifest:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     preprocess_threads: int = 1
-    generate_threads: int = 2  # torch intra-op threads of the generate process on CPU
+    generate_threads: int = 2  # torch intra-op threads of the generate process (CPU and GPU)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n"

@@ -60,16 +60,28 @@ class StepGraphs:
         key = (B, L, greedy)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._capture(key)
+            try:
+                graph = self._capture(key)
+            except Exception:  # serve eagerly (slower, same answers) rather than not at all
+                log.exception("CUDA graph capture failed for B=%d L=%d greedy=%s; decoding eagerly from now on", *key)
+                self.enabled, self.graphs = False, {}
+                torch.cuda.synchronize()
+                self.fn(B, L, greedy)
+                return
         graph.replay()
 
     def warm_up(self, keys: list[tuple[int, int, bool]]) -> None:
         """Capture these keys now, largest first (later, smaller graphs reuse the pool's blocks)."""
-        if not self.enabled:
-            return
         for key in sorted(keys, reverse=True):
+            if not self.enabled:
+                return
             if key not in self.graphs:
-                self._capture(key)
+                try:
+                    self._capture(key)
+                except Exception:
+                    log.exception("CUDA graph capture failed for B=%d L=%d greedy=%s; decoding eagerly", *key)
+                    self.enabled, self.graphs = False, {}
+                    torch.cuda.synchronize()
 
     def _capture(self, key: tuple[int, int, bool]):
         t0 = time.perf_counter()

@@ -94,7 +94,7 @@ class SlotRunner:
         m[KV_LEN, :B] = 1
         for r in rows:
             m[:, r.slot] = (r.length, r.rope_position, r.slot, r.length + 1)
-        self.meta[:, :B].copy_(self.meta_host[:, :B], non_blocking=True)
+        self.meta.copy_(self.meta_host, non_blocking=True)  # 1 KiB, contiguous, from pinned memory
         return B, L
 
     def _step(self, B: int, L: int, greedy: bool) -> None:

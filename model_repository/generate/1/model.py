@@ -96,8 +96,9 @@ class TritonObserver(Observer):
 class TritonPythonModel:
     def initialize(self, args):
         m = self.manifest = manifest_mod.load(model_dir_repo(args))
-        if m.device == "cpu":
-            torch.set_num_threads(max(1, m.generate_threads))
+        # Always, GPU included: torch's default (one thread per core) made a launch-bound decode step
+        # 2.7x slower at 16 threads than at 2 (notes/gpu-engine.md).
+        torch.set_num_threads(max(1, m.generate_threads))
         device = m.device
         if device == "cuda" and args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"

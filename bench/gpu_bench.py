@@ -1,0 +1,234 @@
+"""Stages of bench/gpu.sh (each runs in its own process, under its own time bound):
+
+    checkpoint  random Qwen3-VL of --shape, written as bf16 and as round-to-nearest int4 (GPTQ format)
+    engine      the engine in process (slot runner) on one checkpoint, next to transformers generate()
+    triton      the same checkpoint through a real tritonserver, streamed through `pipeline_stream`
+    report      every stage's JSON -> one markdown table against the issue's targets
+
+Each measuring stage writes <out>/<stage>-<scheme>.json; `report` reads whatever exists, so a partial
+run still reports what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def write_int4(src: Path, dst: Path, device: str) -> None:
+    """src (bf16) -> dst with every decoder linear round-to-nearest 4-bit, group 128, GPTQ-packed
+    (quantized on `device`: seconds on a GPU for the 2B shape)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shelfsight import checkpoint
+    from shelfsight.export.quantize import copy_side_files
+    from shelfsight.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
+
+    out = {}
+    for name, t in checkpoint.read_tensors(src).items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module and is_decoder_linear(module):
+            for leaf, packed in pack(rtn_quantize(t.to(device), 4, 128)).items():
+                out[f"{module}.{leaf}"] = packed.cpu().contiguous()
+        else:
+            out[name] = t
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config(4, 128)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_side_files(src, dst)
+
+
+def stage_checkpoint(args) -> None:
+    from shelfsight.export import tiny
+
+    bf16 = args.work / "bf16"
+    if not (bf16 / "config.json").exists():
+        bf16.mkdir(parents=True, exist_ok=True)
+        tiny.build(bf16, shape=args.shape, device=args.device)
+    say(f"bf16 checkpoint at {bf16}")
+    int4 = args.work / "int4"
+    if not (int4 / "config.json").exists():
+        write_int4(bf16, int4, args.device)
+    say(f"int4 (RTN) checkpoint at {int4}")
+
+
+def stage_engine(args) -> None:
+    import torch
+
+    from engine import make_engine, requests, run_engine, run_generate
+    from shelfsight import imaging, params
+    from shelfsight.checkpoint import load_model
+    from shelfsight.preprocessing import PixelPolicy, Preprocessor
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    ckpt = args.work / args.scheme
+    model = load_model(ckpt, device=args.device, dtype=args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    pre = Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
+    levels = [int(c) for c in args.concurrency.split(",")]
+    result = {"scheme": args.scheme, "device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens,
+              "levels": {}}
+    out = args.out / f"engine-{args.scheme}.json"
+    t = time.perf_counter()
+    engine = make_engine(model, tokenizer, "slots", max(levels), 512 + args.new_tokens)
+    result["start_s"] = time.perf_counter() - t
+    graphs = getattr(engine.runner, "graphs", None)
+    result["cuda_graphs"] = len(graphs.graphs) if graphs and graphs.enabled else 0
+    say(f"engine ({args.scheme}) started in {result['start_s']:.1f}s; {result['cuda_graphs']} CUDA graphs captured"
+        f"{' (eager decode)' if not result['cuda_graphs'] else ''}")
+    run_engine(engine, requests(pre, 2), 2, 8)
+    for c in levels:
+        inputs = requests(pre, c * args.rounds)
+        r = run_engine(engine, inputs, c, args.new_tokens)
+        result["levels"][str(c)] = {"engine": r}
+        say(f"engine {args.scheme} c={c}: TTFT {r['ttft_ms']:.1f} ms, {r['ms_per_token']:.2f} ms/token, "
+            f"{r['req_s']:.2f} req/s, {r['tok_s']:.0f} tok/s")
+        out.write_text(json.dumps(result, indent=1))
+    if graphs is not None:
+        result["cuda_graphs_after"] = len(graphs.graphs) if graphs.enabled else 0
+        out.write_text(json.dumps(result, indent=1))
+    engine.stop()
+    if args.generate:
+        run_generate(model, requests(pre, 1), 4, args.device)  # warm-up
+        for c in levels:
+            if c > args.generate_max:
+                continue
+            g = run_generate(model, requests(pre, c), args.new_tokens, args.device)
+            result["levels"][str(c)]["generate"] = g
+            say(f"generate() {args.scheme} c={c} (one batch): TTFT {g['ttft_ms']:.1f} ms, "
+                f"{g['ms_per_token']:.2f} ms/token, {g['req_s']:.2f} req/s")
+            out.write_text(json.dumps(result, indent=1))
+
+
+async def _stream_level(url: str, images: list[bytes], concurrency: int, new_tokens: int) -> dict:
+    from shelfsight import synth
+    from shelfsight.pipeline import PipelineClient
+
+    client = PipelineClient(url)
+    queue = list(enumerate(images))
+    stats = []
+
+    async def worker():
+        while queue:
+            i, image = queue.pop()
+            t0 = time.perf_counter()
+            first = last = None
+            tokens = 0
+            async for d in client.stream(image, synth.QUESTIONS[i % len(synth.QUESTIONS)], temperature=0.0,
+                                         repetition_penalty=1.0, max_new_tokens=new_tokens):
+                now = time.perf_counter()
+                first = first or now
+                last, tokens = now, d.completion_tokens
+            stats.append((first - t0, (last - first) / max(1, tokens - 1), tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - t0
+    await client.close()
+    tokens = sum(s[2] for s in stats)
+    return {"wall_s": wall, "requests": len(stats), "tokens": tokens,
+            "ttft_ms": 1000 * statistics.median(s[0] for s in stats),
+            "ms_per_token": 1000 * statistics.median(s[1] for s in stats),
+            "req_s": len(stats) / wall, "tok_s": tokens / wall,
+            "mean_completion_tokens": tokens / max(1, len(stats))}
+
+
+def stage_triton(args) -> None:
+    from pipeline import photos  # bench/pipeline.py: the same photos as the pipeline bench
+    from shelfsight.export.repository import RepositoryJob, build
+    from shelfsight.tritonserver import TritonServer, TritonSettings
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    repo = Path(tempfile.mkdtemp(prefix=f"gpu-repo-{args.scheme}-"))
+    build(RepositoryJob(model=args.work / args.scheme, out=repo / "r", device="gpu" if args.device == "cuda" else "cpu",
+                        preprocess_instances=args.preprocess_instances, collect_instances=1, max_batch=max(levels),
+                        force=True))
+    out = args.out / f"triton-{args.scheme}.json"
+    result = {"scheme": args.scheme, "new_tokens": args.new_tokens, "levels": {}}
+    t = time.perf_counter()
+    with TritonServer(TritonSettings(repo=repo / "r", startup_timeout=args.startup_timeout)) as server:
+        result["start_s"] = time.perf_counter() - t
+        say(f"tritonserver ({args.scheme}) ready in {result['start_s']:.1f}s")
+        images = photos(max(levels) * args.rounds)
+        asyncio.run(_stream_level(server.grpc_url, images[:2], 2, 8))  # warm-up
+        for c in levels:
+            r = asyncio.run(_stream_level(server.grpc_url, images[: c * args.rounds], c, args.new_tokens))
+            result["levels"][str(c)] = {"triton": r}
+            say(f"triton {args.scheme} c={c}: TTFT {r['ttft_ms']:.1f} ms, {r['ms_per_token']:.2f} ms/token, "
+                f"{r['req_s']:.2f} req/s, {r['tok_s']:.0f} tok/s, {r['mean_completion_tokens']:.0f} tokens/answer")
+            out.write_text(json.dumps(result, indent=1))
+
+
+TARGETS = "targets (2B, H100, via Triton): bf16 c=1 <= 5 ms/token (aim 2.5); int4 faster than bf16 (aim 2); " \
+          "TTFT c=1 <= 60 ms (aim 40); c=32 >= 30 req/s (aim 60)"
+
+
+def stage_report(args) -> None:
+    rows = []
+    raw = {}
+    for f in sorted(args.out.glob("*.json")):
+        if f.name == "results.json":
+            continue
+        data = json.loads(f.read_text())
+        raw[f.stem] = data
+        kind = f.stem.split("-")[0]
+        for c, systems in data.get("levels", {}).items():
+            for system, r in systems.items():
+                name = {"engine": "engine in process", "triton": "Triton pipeline_stream",
+                        "generate": "transformers generate() (one batch)"}[system]
+                rows.append((int(c), data["scheme"], name if kind != "triton" else name, r))
+    rows.sort(key=lambda x: (x[0], x[1], x[2]))
+    lines = [f"# GPU engine bench ({args.label})", "", TARGETS, "",
+             "| c | scheme | system | TTFT ms | ms/token | req/s | tok/s |", "|---|---|---|---|---|---|---|"]
+    for c, scheme, name, r in rows:
+        lines.append(f"| {c} | {scheme} | {name} | {r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {r['req_s']:.2f} | "
+                     f"{r['tok_s']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(raw, indent=1))
+    print(text, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=("checkpoint", "engine", "triton", "report"))
+    ap.add_argument("--work", type=Path, required=True, help="where checkpoints live")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", default="2b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--scheme", default="bf16", choices=("bf16", "int4"))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--generate", action="store_true")
+    ap.add_argument("--generate-max", type=int, default=32, help="largest concurrency generate() runs")
+    ap.add_argument("--preprocess-instances", type=int, default=4)
+    ap.add_argument("--startup-timeout", type=float, default=240)
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"checkpoint": stage_checkpoint, "engine": stage_engine, "triton": stage_triton, "report": stage_report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
