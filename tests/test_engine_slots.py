@@ -196,3 +196,37 @@ def test_fused_int4_linears_equal_their_parts():
         fused = fuse(parts)
         assert isinstance(fused, Int4Linear) == joined
         assert torch.allclose(fused(x), torch.cat([m(x) for m in parts], -1), atol=1e-3)
+
+
+def test_a_graph_warm_up_run_leaves_running_slots_untouched(setup):
+    """Capturing a graph mid-serving first runs the step once eagerly, under `_harmless`: that run
+    must not move any running request's state (K/V, next token, seen tokens); only the spare slot."""
+    model, processor, pre, _ = setup
+    p = GenerationParams(max_new_tokens=8, temperature=0.7, repetition_penalty=1.1, seed=3)
+    reqs = make_requests(pre, 2, p)
+    with torch.inference_mode():
+        pre_out = prefill(model, reqs, vision(model, reqs, VisionCache(0), type("O", (), {
+            "vision_cache": lambda *a: None})()))
+        runner = SlotRunner(model, EngineConfig(max_batch=4, max_model_len=1024))
+        rows = rows_for(reqs, [0, 1], processor.tokenizer)
+        for r, n, d in zip(rows, pre_out.lengths, pre_out.deltas):
+            r.length, r.delta = n, d
+        runner.start(rows, pre_out)
+        runner.decode(rows, False)
+        for r in rows:
+            r.length += 1
+
+        def state():
+            return ([k[:4].clone() for k in runner.decoder.k], [v[:4].clone() for v in runner.decoder.v],
+                    runner.tokens[:4].clone(), runner.seen[:4].clone(), runner.meta.clone())
+
+        before = state()
+        for B in (4, 2):
+            for greedy in (True, False):
+                with runner._harmless(B):
+                    runner._step(B, 256, greedy)
+        after = state()
+        for a, b in zip(before, after):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                assert torch.equal(x, y)
+        assert runner.decoder.k[0][4].abs().sum() > 0  # the spare slot took the writes
