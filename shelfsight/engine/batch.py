@@ -48,6 +48,9 @@ class Batch:
             raise ValueError(f"slot {row.slot} already holds a request")
         self._rows[row.slot] = row
 
+    def get(self, slot: int) -> Row | None:
+        return self._rows.get(slot)
+
     def remove(self, slot: int) -> Row:
         return self._rows.pop(slot)
 

@@ -113,6 +113,9 @@ class Engine:
 
     # ---- engine thread ----
     def _loop(self) -> None:
+        """Each turn: admit and prefill, launch the next decode step, then stream the previous step's
+        tokens while the device computes (a row that finished there got one more, unused, token)."""
+        pending = None
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -129,10 +132,13 @@ class Engine:
                 try:
                     if admitted:
                         self._prefill_group(admitted)
-                    if len(self.batch):
-                        self._decode_step()
+                    launched = self._launch() if len(self.batch) else None
+                    if pending is not None:
+                        self._collect(*pending)
+                    pending = launched if len(self.batch) else None
                 except Exception as e:  # the batch is lost; every request in it gets the error
                     log.exception("engine step failed")
+                    pending = None
                     self._fail_running(Unavailable(f"generation failed: {type(e).__name__}: {e}"))
                 self.observer.step(*self.load())
 
@@ -182,9 +188,13 @@ class Engine:
         tokens = self.runner.start(rows, pre)
         self._finish(self.output.emit(rows, tokens))
 
-    def _decode_step(self) -> None:
+    def _launch(self):
         rows = self.batch.rows()
-        tokens = self.runner.decode(rows, self.batch.greedy())
+        step = self.runner.launch(rows, self.batch.greedy())
         for r in rows:
             r.length += 1
-        self._finish(self.output.emit(rows, tokens))
+        return rows, step
+
+    def _collect(self, rows: list[Row], step) -> None:
+        live = [(r, t) for r, t in zip(rows, step.tokens()) if self.batch.get(r.slot) is r]
+        self._finish(self.output.emit([r for r, _ in live], [t for _, t in live]))

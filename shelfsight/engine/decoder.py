@@ -22,20 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shelfsight.engine import kernels
+from shelfsight.engine.kernels import rms_norm_ref as rms_norm
+from shelfsight.engine.kernels import rotate_half
 from shelfsight.qlinear import fuse
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Qwen3 RMSNorm, operation for operation (float32 statistics)."""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass
@@ -82,6 +72,8 @@ class Decoder:
             self.sin = (emb.sin() * rope.attention_scaling).to(dtype)
             self.positions = torch.arange(max_len, device=dev)
             self.heads = torch.arange(self.hkv, device=dev)
+        # ~10 kernels a layer instead of ~60 where the fused kernels run and check out (CUDA)
+        self.fused = kernels.usable(dev, dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -108,6 +100,8 @@ class Decoder:
         """One token for each of B rows (row b = slot b) -> logits [B, V] float32.
         tokens, cache_pos (where the token's K/V go), rope_pos, write_slot, kv_len (keys to attend,
         this token included): [B] int64. L >= max(kv_len): the cached length the step reads."""
+        if self.fused:
+            return self._forward_fused(tokens, cache_pos, rope_pos, write_slot, kv_len, L)
         B, H, G, D = tokens.shape[0], self.hkv, self.hq // self.hkv, self.d
         x = F.embedding(tokens, self.embed)  # [B, hidden]
         cos, sin = self.cos[rope_pos][:, None], self.sin[rope_pos][:, None]  # [B, 1, D]
@@ -129,3 +123,20 @@ class Decoder:
             gate, up = w.gate_up(h).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
         return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+
+    def _forward_fused(self, tokens, cache_pos, rope_pos, write_slot, kv_len, L) -> torch.Tensor:
+        """forward() with the fused kernels: the residual add rides with the next RMSNorm."""
+        B, H, G, D = tokens.shape[0], self.hkv, self.hq // self.hkv, self.d
+        x = F.embedding(tokens, self.embed)  # [B, hidden]
+        valid = self.positions[:L][None] < kv_len[:, None]
+        mask = torch.zeros(B, 1, 1, L, device=x.device, dtype=x.dtype).masked_fill(~valid[:, None, None], float("-inf"))
+        res, h = kernels.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
+        for i, (w, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
+            q = kernels.qk_norm_rope(w.qkv(h), w.q_norm, w.k_norm, self.cos, self.sin, rope_pos, kc, vc,
+                                     write_slot, cache_pos, self.hq, H, self.eps)  # [B, hq, D]
+            att = F.scaled_dot_product_attention(q.view(B, H, G, D), kc[:B, :, :L], vc[:B, :, :L],
+                                                 attn_mask=mask, scale=D ** -0.5)
+            res, h = kernels.add_rms_norm(res, w.o(att.reshape(B, self.hq * D)), w.ln2, self.eps)
+            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            res, h = kernels.add_rms_norm(res, w.down(kernels.silu_mul(w.gate_up(h))), after, self.eps)
+        return self.lm_head(h).float()

@@ -40,9 +40,9 @@ class OutputStage:
                     finish = "length"
                     delta += row.detok.flush()
             prompt = row.prompt_tokens
-            if finish:
-                req.sink.send(delta, prompt, row.generated, finish)
+            if finish:  # metrics first: a client that saw its answer end may read them at once
                 self.observer.finished(prompt, row.generated, now - req.arrival, now - row.first_token_at)
+                req.sink.send(delta, prompt, row.generated, finish)
                 done.append(row)
             elif delta:
                 req.sink.send(delta, prompt, row.generated, None)

@@ -80,6 +80,11 @@ class ReferenceRunner:
                          logits_to_keep=1)
         return out.logits[:, -1].float()[order]
 
+    def launch(self, rows: list[Row], greedy: bool):
+        from shelfsight.engine.runner import Done
+
+        return Done(self.decode(rows, greedy))
+
     def decode(self, rows: list[Row], greedy: bool) -> list[int]:
         order = self._order(rows)
         logits = self.logits(rows)

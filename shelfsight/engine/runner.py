@@ -8,13 +8,13 @@ Device state, per slot (allocated once; index `slots` is the spare that padding 
     meta [4, S+1] int64  per step, from the host: cache_pos, rope_pos, write_slot, kv_len
 A step reads rows 0..B-1 (B the batch bucket over the highest running slot), writes each running row's
 K/V, token and seen mark into its slot, and leaves the chosen tokens in `out`; the host reads them with
-one copy, the step's only sync.
+one copy, the step's only sync. Steps are launched one ahead: the next step needs only host counters
+and the tokens already on the device, so the host streams step t while the device runs step t+1.
 """
 from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 
 from shelfsight import sampling
@@ -25,6 +25,29 @@ from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
 from shelfsight.engine.prefill import Prefilled
 
 CACHE_POS, ROPE_POS, WRITE_SLOT, KV_LEN = range(4)
+
+
+class Launched:
+    """A queued step: its tokens, in the order of the rows it was launched for, once the device is done."""
+
+    def __init__(self, slots: list[int], host: torch.Tensor, event):
+        self.slots, self.host, self.event = slots, host, event
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # the step's one sync
+        out = self.host.tolist()
+        return [out[s] for s in self.slots]
+
+
+class Done:
+    """A step that already ran (the reference runner decodes synchronously)."""
+
+    def __init__(self, tokens: list[int]):
+        self._tokens = tokens
+
+    def tokens(self) -> list[int]:
+        return self._tokens
 
 
 class SlotRunner:
@@ -43,10 +66,12 @@ class SlotRunner:
             self.params = sampling.RowParams.empty(S + 1, dev)
             self.meta = torch.zeros(4, S + 1, dtype=torch.int64, device=dev)
             self._true = torch.ones(S + 1, dtype=torch.bool, device=dev)
-        cuda = dev.type == "cuda"
-        self.meta_host = torch.zeros(4, S + 1, dtype=torch.int64, pin_memory=cuda)
-        self.out_host = torch.zeros(S + 1, dtype=torch.int64, pin_memory=cuda)
-        self._meta_np = self.meta_host.numpy()
+        self.cuda = cuda = dev.type == "cuda"
+        # two of each host buffer: step t+1 is launched before step t's tokens are read, so the host
+        # writes one while the device may still copy from / into the other
+        self.meta_hosts = [torch.zeros(4, S + 1, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.out_hosts = [torch.zeros(S + 1, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
         self.graphs = StepGraphs(self._step, enabled=cuda and config.cuda_graphs, harmless=self._harmless)
 
     def reset(self) -> None:
@@ -88,13 +113,14 @@ class SlotRunner:
         padding: position 0, one key, writes to the spare slot."""
         B = pick(self.batch_buckets, max(r.slot for r in rows) + 1)
         L = pick(self.kv_buckets, max(r.length for r in rows) + 1)
-        m = self._meta_np
+        host = self.meta_hosts[self._flip]
+        m = host.numpy()
         m[:, :B] = 0
         m[WRITE_SLOT, :B] = self.spare
         m[KV_LEN, :B] = 1
         for r in rows:
             m[:, r.slot] = (r.length, r.rope_position, r.slot, r.length + 1)
-        self.meta.copy_(self.meta_host, non_blocking=True)  # 1 KiB, contiguous, from pinned memory
+        self.meta.copy_(host, non_blocking=True)  # 1 KiB, contiguous, from pinned memory
         return B, L
 
     def _step(self, B: int, L: int, greedy: bool) -> None:
@@ -118,13 +144,23 @@ class SlotRunner:
         finally:
             self.meta.copy_(saved)
 
-    def decode(self, rows: list[Row], greedy: bool) -> list[int]:
-        """One token for every running row (rows in any order) -> tokens in `rows` order."""
+    def launch(self, rows: list[Row], greedy: bool) -> "Launched":
+        """Queue one step for every running row (rows in any order); its tokens come from the result's
+        tokens(), which waits for this step only: the host can work on the previous step meanwhile."""
         B, L = self._fill_meta(rows)
         self.graphs.run(B, L, greedy)
-        self.out_host[:B].copy_(self.out[:B])  # the step's one sync
-        out = self.out_host.tolist()
-        return [out[r.slot] for r in rows]
+        host = self.out_hosts[self._flip]
+        host[:B].copy_(self.out[:B], non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._flip ^= 1
+        return Launched([r.slot for r in rows], host, event)
+
+    def decode(self, rows: list[Row], greedy: bool) -> list[int]:
+        """One token for every running row -> tokens in `rows` order (waits for them)."""
+        return self.launch(rows, greedy).tokens()
 
     def logits(self, rows: list[Row]) -> torch.Tensor:
         """The decode step's logits [len(rows), V] for the rows' current state, eagerly (parity checks).
