@@ -45,3 +45,28 @@ def test_fused_kernels_match_torch_under_the_interpreter():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Triton compiles ahead of time for a target: catches what the interpreter lets through
+    (typing, control flow, lowering) for the H100 (sm_90) the engine runs on, bf16 and fp32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from shelfsight.engine import triton_kernels as k
+
+    def compile_(fn, sig, consts):
+        sig = {**sig, **{name: "constexpr" for name in consts}}
+        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert out.asm.get("ptx")
+
+    for dt in ("bf16", "fp32"):
+        p = f"*{dt}"
+        for has_delta in (True, False):
+            compile_(k.add_rms_kernel, dict(res_ptr=p, delta_ptr=p, w_ptr=p, res_out_ptr=p, out_ptr=p, N="i32",
+                                            eps="fp32"), {"HAS_DELTA": has_delta, "BLOCK": 2048})
+        compile_(k.qk_rope_kernel, dict(qkv_ptr=p, qkv_stride="i32", qw_ptr=p, kw_ptr=p, cos_ptr=p, sin_ptr=p,
+                                        rope_ptr="*i64", q_ptr=p, kc_ptr=p, vc_ptr=p, slot_ptr="*i64", pos_ptr="*i64",
+                                        T="i32", eps="fp32"), {"HQ": 16, "HKV": 8, "D": 128})
+        compile_(k.silu_mul_kernel, dict(gu_ptr=p, out_ptr=p, inter="i32"), {"BLOCK": 1024})

@@ -19,11 +19,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA torch; CPU needs none of this
-    triton = None
+_KERNELS = None  # built on first use: a CPU-only process never imports triton
 
 
 # ---- torch references (also the CPU path) ----
@@ -67,101 +63,44 @@ def silu_mul_ref(gate_up):
 
 
 # ---- Triton ----
-if triton is not None:
-    @triton.jit
-    def _add_rms_kernel(res_ptr, delta_ptr, w_ptr, res_out_ptr, out_ptr, N, eps,
-                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = offs < N
-        dtype = out_ptr.dtype.element_ty
-        x = tl.load(res_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_DELTA:
-            d = tl.load(delta_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
-            x = (x + d).to(dtype).to(tl.float32)  # the residual stream is kept in the model dtype
-            tl.store(res_out_ptr + row * N + offs, x.to(dtype), mask=m)
-        var = tl.sum(x * x, axis=0) / N
-        y = (x * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + offs, (y * w).to(dtype), mask=m)
+def _build():
+    """-> (triton, add_rms, qk_rope, silu_mul); a CPU-only process never imports triton."""
+    global _KERNELS
+    if _KERNELS is None:
+        import triton
 
-    @triton.jit
-    def _qk_rope_kernel(qkv_ptr, qkv_stride, qw_ptr, kw_ptr, cos_ptr, sin_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr,
-                        slot_ptr, pos_ptr, T, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
-        row = tl.program_id(0)
-        head = tl.program_id(1)  # q heads, then k heads, then v heads
-        HALF: tl.constexpr = D // 2
-        o = tl.arange(0, HALF)
-        dtype = q_ptr.dtype.element_ty
-        src = qkv_ptr + row * qkv_stride + head * D
-        x1 = tl.load(src + o).to(tl.float32)
-        x2 = tl.load(src + HALF + o).to(tl.float32)
-        slot = tl.load(slot_ptr + row)
-        pos = tl.load(pos_ptr + row)
-        if head >= HQ + HKV:  # v: straight into the cache
-            dst = vc_ptr + ((slot * HKV + (head - HQ - HKV)) * T + pos) * D
-            tl.store(dst + o, x1.to(dtype))
-            tl.store(dst + HALF + o, x2.to(dtype))
-        else:
-            if head < HQ:
-                w1 = tl.load(qw_ptr + o).to(tl.float32)
-                w2 = tl.load(qw_ptr + HALF + o).to(tl.float32)
-            else:
-                w1 = tl.load(kw_ptr + o).to(tl.float32)
-                w2 = tl.load(kw_ptr + HALF + o).to(tl.float32)
-            var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D
-            r = tl.rsqrt(var + eps)
-            y1 = (x1 * r).to(dtype).to(tl.float32) * w1
-            y2 = (x2 * r).to(dtype).to(tl.float32) * w2
-            y1 = y1.to(dtype).to(tl.float32)
-            y2 = y2.to(dtype).to(tl.float32)
-            p = tl.load(rope_ptr + row)
-            c = tl.load(cos_ptr + p * D + o).to(tl.float32)  # cos = cat(f, f): one half serves both
-            s = tl.load(sin_ptr + p * D + o).to(tl.float32)
-            out1 = (y1 * c - y2 * s).to(dtype)
-            out2 = (y2 * c + y1 * s).to(dtype)
-            if head < HQ:
-                dst = q_ptr + (row * HQ + head) * D
-            else:
-                dst = kc_ptr + ((slot * HKV + (head - HQ)) * T + pos) * D
-            tl.store(dst + o, out1)
-            tl.store(dst + HALF + o, out2)
+        from shelfsight.engine import triton_kernels as k
 
-    @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < inter
-        dtype = out_ptr.dtype.element_ty
-        g = tl.load(gu_ptr + row * 2 * inter + offs, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=m, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * inter + offs, (s * u).to(dtype), mask=m)
+        _KERNELS = (triton, k.add_rms_kernel, k.qk_rope_kernel, k.silu_mul_kernel)
+    return _KERNELS
 
 
 def add_rms_norm(res, delta, weight, eps):
     """-> (res + delta, RMSNorm(res + delta) * weight); res, delta [B, N] contiguous."""
+    triton, kernel, _, _ = _build()
     B, N = res.shape
     out = torch.empty_like(res)
     res_out = torch.empty_like(res) if delta is not None else res
-    _add_rms_kernel[(B,)](res, delta if delta is not None else res, weight, res_out, out, N, eps,
+    kernel[(B,)](res, delta if delta is not None else res, weight, res_out, out, N, eps,
                           HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N))
     return res_out, out
 
 
 def qk_norm_rope(qkv, q_w, k_w, cos, sin, rope_pos, k_cache, v_cache, write_slot, cache_pos, hq, hkv, eps):
+    _, _, kernel, _ = _build()
     B, D = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(B, hq, D, device=qkv.device, dtype=qkv.dtype)
-    _qk_rope_kernel[(B, hq + 2 * hkv)](qkv, qkv.stride(0), q_w, k_w, cos, sin, rope_pos, q, k_cache, v_cache,
+    kernel[(B, hq + 2 * hkv)](qkv, qkv.stride(0), q_w, k_w, cos, sin, rope_pos, q, k_cache, v_cache,
                                        write_slot, cache_pos, k_cache.shape[2], eps, HQ=hq, HKV=hkv, D=D)
     return q
 
 
 def silu_mul(gate_up):
+    triton, _, _, kernel = _build()
     B, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(B, inter, device=gate_up.device, dtype=gate_up.dtype)
     block = min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(B, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    kernel[(B, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
     return out
 
 
@@ -201,7 +140,7 @@ def self_check(device, dtype, hidden=256, inter=384, hq=4, hkv=2, d=64, slots=3,
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused kernels run here and agree with the references (bf16: within rounding)."""
-    if triton is None or device.type != "cuda":
+    if device.type != "cuda":
         return False
     try:
         err = self_check(device, dtype)
