@@ -92,8 +92,9 @@ def stage_engine(args) -> None:
     result["start_s"] = time.perf_counter() - t
     graphs = getattr(engine.runner, "graphs", None)
     result["cuda_graphs"] = len(graphs.graphs) if graphs and graphs.enabled else 0
+    result["fused_kernels"] = bool(getattr(getattr(engine.runner, "decoder", None), "fused", False))
     say(f"engine ({args.scheme}) started in {result['start_s']:.1f}s; {result['cuda_graphs']} CUDA graphs captured"
-        f"{' (eager decode)' if not result['cuda_graphs'] else ''}")
+        f"{' (eager decode)' if not result['cuda_graphs'] else ''}; fused Triton kernels: {result['fused_kernels']}")
     run_engine(engine, requests(pre, 2), 2, 8)
     for c in levels:
         inputs = requests(pre, c * args.rounds)
@@ -201,6 +202,12 @@ def stage_report(args) -> None:
     for c, scheme, name, r in rows:
         lines.append(f"| {c} | {scheme} | {name} | {r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {r['req_s']:.2f} | "
                      f"{r['tok_s']:.0f} |")
+    for stem, data in raw.items():
+        notes = [f"start {data['start_s']:.1f} s"] if "start_s" in data else []
+        if "cuda_graphs" in data:
+            notes.append(f"{data['cuda_graphs']} CUDA graphs at start, {data.get('cuda_graphs_after', '?')} after")
+            notes.append(f"fused Triton kernels {'on' if data.get('fused_kernels') else 'off'}")
+        lines.append(f"\n{stem}: {', '.join(notes)}")
     text = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(raw, indent=1))
