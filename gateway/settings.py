@@ -19,7 +19,10 @@ class CacheSettings:
     # (44,850 pairs), pHash alone put 3 pairs of different products within 10 bits; their colour
     # distances were >= 5.85, while re-encoded/resized/cropped copies stayed <= 2.65.
     max_colour_distance: float = 4.0
-    cache_sampled: bool = False  # temperature > 0 without a seed: a cached answer would be one draw
+    # Sampled answers (temperature > 0, no seed - the serving defaults) are cached too: a stored draw is
+    # as good an answer as a new one, and a platform asks the same photo and question again and again.
+    # CACHE_POLICY_REFRESH / SKIP get a fresh draw; False caches only greedy and seeded answers.
+    cache_sampled: bool = True
     redis_url: str | None = None  # shared cache for several gateway replicas
 
 
