@@ -158,6 +158,20 @@ def test_kernels_match_dequantized_reference(bits, group):
     assert (y - y_ref).norm() / y_ref.norm() < 1e-2
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, -1)])
+def test_rtn_keeps_every_tensor_on_the_weights_device(bits, group):
+    """Quantizing a weight on a GPU must not leave zero points (or g_idx) behind on the CPU. The meta
+    device stands in for the GPU here: any tensor created without the weight's device lands on the CPU."""
+    w = torch.empty(96, 256, dtype=torch.bfloat16, device="meta")
+    q = gptq.rtn_quantize(w, bits, group)
+    assert {t.device for t in (q.codes, q.zeros, q.scales)} == {w.device}
+    assert (q.codes.dtype, q.zeros.dtype, q.scales.dtype) == (torch.int32, torch.int32, torch.float16)
+    packed = gptq.pack(q)
+    assert {t.device for t in packed.values()} == {w.device}
+    assert {k: t.dtype for k, t in packed.items()} == {"qweight": torch.int32, "qzeros": torch.int32,
+                                                      "scales": torch.float16, "g_idx": torch.int32}
+
+
 def test_act_order_checkpoints_are_refused():
     q = gptq.rtn_quantize(torch.randn(16, 128), 4, 32)
     packed = gptq.pack(q)
