@@ -82,6 +82,7 @@ def cmd_batch(args) -> int:
 
     summary = asyncio.run(batch.run(args.target, args.folder, args.out, args.question or batch.DEFAULT_QUESTION,
                                     concurrency=args.concurrency, progress=not args.no_progress,
-                                    timeout=args.timeout, **request_options(args)))
-    print(json.dumps(summary.__dict__))
+                                    timeout=args.timeout, log=lambda msg: print(f"batch: {msg}", file=sys.stderr, flush=True),
+                                    **request_options(args)))
+    print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
     return 1 if summary.failed else 0
