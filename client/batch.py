@@ -3,8 +3,8 @@
 Nothing accepted is lost and nothing is answered twice: each answer is appended (and flushed to disk)
 the moment it arrives; a rerun reads the file, drops a line cut short by a crash, and asks only about
 images that have no answer yet. Files of other types are not asked about, but are counted and named
-(Summary.unsupported; the command line says so on stderr before asking). Failures of the latest run are listed in `<out>.errors.jsonl` and are
-retried on the next run.
+(Summary.unsupported; the command line says so on stderr before asking). Failures of the latest run
+are listed in `<out>.errors.jsonl` and are retried on the next run.
 Transient refusals (RESOURCE_EXHAUSTED, UNAVAILABLE) are retried with backoff within a run.
 """
 from __future__ import annotations
