@@ -213,7 +213,8 @@ def test_sigterm_stops_cleanly(serve):
     """Last in this module: it stops the shared server."""
     triton = serve.triton_pid()
     stubs = children(triton)
-    log_dir = Path(next(line for line in serve.out if line.startswith("serving:")).split(" log ")[1].strip()).parent
+    # the running server's folder: the last one announced (servers killed earlier keep their logs)
+    log_dir = Path([line for line in serve.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
     assert log_dir.exists()
     assert serve.stop() == 0, "".join(serve.out[-20:])
     text = "".join(serve.out)
