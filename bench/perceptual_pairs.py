@@ -7,12 +7,15 @@ partner looked up after, as the gateway does:
 
 - text pairs: the same label layout whose text differs only in a price, SKU, date, size or a misspelt
   brand, in Latin, Chinese and Japanese, several fonts and sizes. Any perceptual hit is a false hit:
-  the model would read another label.
-- same-picture variants: the first picture of each pair as JPEG q70-95, resized to 80-100%, cropped by
-  up to 1% on any sides, and combinations. A perceptual hit is a true hit.
+  the model would read another label. A third of them are also asked with B resized to 90% and
+  re-encoded.
+- same-picture variants: label pictures and photo-like product renders (shelfsight.synth: texture,
+  noise) as JPEG q70-95, resized to 80-100%, cropped by up to 1% on any sides, and combinations.
+  A perceptual hit is a true hit.
 
 Prints both rates with counts for the old rule (hash only: pHash + colour layout) and the new one
-(hash finds a candidate, the patch check decides), in the same run, and the check's time per lookup.
+(hash finds a candidate, the patch check decides), in the same run, the time of a lookup and of the
+check alone (both run on the gateway's thread pool), and the stored thumbnails' size.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shelfsight import synth  # noqa: E402
 from shelfsight.gateway import cache  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
 
@@ -163,6 +167,11 @@ async def perceptual_hit(settings: CacheSettings, stored: bytes, asked: bytes, t
     return found is not None and found[1] == "perceptual"
 
 
+def ms(seconds: list[float]) -> str:
+    q = statistics.quantiles(seconds, n=20)
+    return f"{1000 * statistics.median(seconds):.1f} ms median, {1000 * q[-1]:.1f} ms p95"
+
+
 def rate(hits: int, n: int) -> str:
     return f"{hits}/{n} = {100 * hits / max(1, n):.1f}%"
 
@@ -176,20 +185,45 @@ def main() -> int:
     rules = {"old (hash only)": replace(new, verify=False, max_distance=10), "new (hash + patch check)": new}
     pairs = text_pairs(quick=args.quick)
     encoded = [(name, jpeg(render(a)), jpeg(render(b))) for name, a, b in pairs]
+    # and a third of them asked with B also resized and re-encoded: the check then blurs to B's resolution
+    encoded += [(f"{name} (B at 90%, q80)", jpeg(render(a)), variant(render(b), quality=80, scale=0.9))
+                for name, a, b in pairs[1::3]]
     originals = {}
     for _, a, _ in pairs:  # one picture per distinct layout for the variants
         originals.setdefault((a.text, a.font, a.canvas), render(a))
     pictures = list(originals.values())[:: 2 if not args.quick else 6]
+    rng = random.Random(1)
+    pictures += [synth.render(synth.make_product(rng, scripts=("latin", "zh", "ja")), size=size, seed=i)
+                 for i, size in enumerate([(640, 640), (800, 600), (480, 400), (1024, 768)] * (10 if not args.quick else 3))]
     copies = [(f"{v} #{i}", jpeg(img), variant(img, **kw)) for i, img in enumerate(pictures) for v, kw in VARIANTS.items()]
     print(f"{len(encoded)} text pairs, {len(copies)} same-picture copies ({len(pictures)} pictures x {len(VARIANTS)} variants)")
+    checks: list[tuple[float, float]] = []  # (seconds, difference) of each check ResultCache makes
+    check = cache.difference
+
+    def timed_check(*a):
+        t0 = time.perf_counter()
+        value = check(*a)
+        checks.append((time.perf_counter() - t0, value))
+        return value
+    cache.difference = timed_check  # ResultCache calls it through the module
+    check(cache.decode_picture(copies[0][1]), cache.thumbnail(cache.decode_picture(copies[0][1]), 512))  # warm-up
+    sizes = [len(cache.thumbnail(cache.decode_picture(a), new.verify_side).encode()) for _, a, _ in copies[::len(VARIANTS)]]
+    print(f"stored thumbnails ({new.verify_side} px, zlib): median {statistics.median(sizes) / 1024:.0f} KiB,"
+          f" max {max(sizes) / 1024:.0f} KiB")
     for rule, settings in rules.items():
         timings: list[float] = []
+        checks.clear()
         false = [n for n, a, b in encoded if asyncio.run(perceptual_hit(settings, a, b, timings))]
+        text_checks = [v for _, v in checks]
         true_misses = [n for n, a, b in copies if not asyncio.run(perceptual_hit(settings, a, b, timings))]
+        copy_checks = [v for _, v in checks[len(text_checks):]]
         print(f"\n{rule}\n  false hits (text changed):   {rate(len(false), len(encoded))}"
               f"\n  true hits (same picture):    {rate(len(copies) - len(true_misses), len(copies))}"
-              f"\n  lookup (exact + perceptual): {1000 * statistics.median(timings):.1f} ms median,"
-              f" {1000 * max(timings):.1f} ms max")
+              f"\n  lookup (exact + perceptual): {ms(timings)}")
+        if checks:
+            print(f"  the check alone:             {ms([t for t, _ in checks])} ({len(checks)} checks)\n"
+                  f"  worst-pixel difference:      text changed >= {min(text_checks):.1f}, copies <= "
+                  f"{max(copy_checks):.1f} (served at <= {settings.max_difference})")
         for n in false[: args.show]:
             print("    false hit:", n)
         for n in true_misses[: args.show]:

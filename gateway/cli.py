@@ -9,6 +9,9 @@ from pathlib import Path
 
 
 def add_gateway_flags(p) -> None:
+    from shelfsight.gateway.settings import CacheSettings
+
+    cache = CacheSettings()
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464)
@@ -18,9 +21,12 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-perceptual", action="store_true")
     p.add_argument("--phash-bits", type=int, choices=(64, 256), default=256)
-    p.add_argument("--max-distance", type=int, default=10, help="pHash bits that may differ for a perceptual hit")
-    p.add_argument("--max-colour-distance", type=float, default=4.0,
+    p.add_argument("--max-distance", type=int, default=cache.max_distance,
+                   help="pHash bits that may differ for a perceptual candidate")
+    p.add_argument("--max-colour-distance", type=float, default=cache.max_colour_distance,
                    help="and how far the 4x4 colour thumbnails may differ (mean, 0..255)")
+    p.add_argument("--max-difference", type=float, default=cache.max_difference,
+                   help="a candidate is served when no pixel of its 512 px thumbnail differs more (0..255)")
     p.add_argument("--cache-sampled", action="store_true", help="also cache sampled answers (no seed, temperature>0)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
 
@@ -34,6 +40,7 @@ def settings_from(args, triton_url: str):
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
+                            max_difference=args.max_difference,
                             cache_sampled=args.cache_sampled, redis_url=args.redis))
 
 
