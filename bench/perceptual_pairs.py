@@ -167,6 +167,18 @@ async def perceptual_hit(settings: CacheSettings, stored: bytes, asked: bytes, t
     return found is not None and found[1] == "perceptual"
 
 
+def run_set(settings, items, timings, checks, failed) -> tuple[list[str], list[tuple[float, str]]]:
+    """Ask each (name, stored, asked); -> names where failed(hit), and (smallest check score, name)."""
+    failures, scores = [], []
+    for name, stored, asked in items:
+        before = len(checks)
+        if failed(asyncio.run(perceptual_hit(settings, stored, asked, timings))):
+            failures.append(name)
+        if len(checks) > before:
+            scores.append((min(v for _, v in checks[before:]), name))
+    return failures, scores
+
+
 def ms(seconds: list[float]) -> str:
     q = statistics.quantiles(seconds, n=20)
     return f"{1000 * statistics.median(seconds):.1f} ms median, {1000 * q[-1]:.1f} ms p95"
@@ -213,17 +225,17 @@ def main() -> int:
     for rule, settings in rules.items():
         timings: list[float] = []
         checks.clear()
-        false = [n for n, a, b in encoded if asyncio.run(perceptual_hit(settings, a, b, timings))]
-        text_checks = [v for _, v in checks]
-        true_misses = [n for n, a, b in copies if not asyncio.run(perceptual_hit(settings, a, b, timings))]
-        copy_checks = [v for _, v in checks[len(text_checks):]]
+        false, text_checks = run_set(settings, encoded, timings, checks, lambda hit: hit)
+        true_misses, copy_checks = run_set(settings, copies, timings, checks, lambda hit: not hit)
         print(f"\n{rule}\n  false hits (text changed):   {rate(len(false), len(encoded))}"
               f"\n  true hits (same picture):    {rate(len(copies) - len(true_misses), len(copies))}"
               f"\n  lookup (exact + perceptual): {ms(timings)}")
         if checks:
             print(f"  the check alone:             {ms([t for t, _ in checks])} ({len(checks)} checks)\n"
-                  f"  worst-pixel difference:      text changed >= {min(text_checks):.1f}, copies <= "
-                  f"{max(copy_checks):.1f} (served at <= {settings.max_difference})")
+                  f"  check score (served at <= {settings.max_difference}): text changed >= "
+                  f"{min(text_checks)[0]:.1f}, copies <= {max(copy_checks)[0]:.1f}; closest calls:")
+            for value, name in sorted(text_checks)[:3] + sorted(copy_checks)[-3:]:
+                print(f"    {value:6.1f}  {name}")
         for n in false[: args.show]:
             print("    false hit:", n)
         for n in true_misses[: args.show]:

@@ -137,6 +137,7 @@ def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> tu
 BLUR = 0.6  # px, both sides: a copy resized to 80% and the original reach 512 px through different
             # filters; the blur evens that out (copies' worst pixel 26 -> 20) and keeps glyph changes (>= 31)
 REACH = 0.02  # largest scale and shift (fraction of the side) the alignment tries
+CONTRAST = 128  # grey levels: how much the local range weighs (see `difference`)
 
 
 @dataclass(frozen=True)
@@ -206,12 +207,15 @@ def _filter3(b: np.ndarray, op) -> np.ndarray:
 
 
 def difference(picture, stored: Thumbnail) -> float:
-    """The largest grey-level disagreement (0..255) between a decoded picture and a stored thumbnail,
-    after alignment, ignoring a 3% border (what a <= 1% crop removes or adds)."""
+    """The largest disagreement between a decoded picture and a stored thumbnail, after alignment:
+    grey levels outside what the other side takes within half a pixel, weighed by local contrast
+    (0 .. ~3x255), ignoring a 3% border (what a <= 1% crop removes or adds)."""
     from PIL import ImageOps
 
     r = stored.pixels.astype(np.float32)
     h, w = r.shape
+    if min(h, w) < 32:  # too small to align and compare: never vouch for it
+        return float("inf")
     (sy, ty), (sx, tx) = _align(_grey(picture, (w, h)), r)
     # Resample the picture itself onto the thumbnail's grid, moved by the alignment, so that both sides
     # are filtered with the same phase (resampling the thumbnail instead smeared its thin lines).
@@ -231,8 +235,14 @@ def difference(picture, stored: Thumbnail) -> float:
         extra = max(0.8, 3 * BLUR * np.sqrt(enlarged ** 2 - 1))
         q, r = ndimage.gaussian_filter(q, extra), ndimage.gaussian_filter(r, extra)
     excess = np.maximum(_envelope_excess(q, r), _envelope_excess(r, q))
+    # Weighed by the local contrast (5x5 range of both): a changed glyph in white on yellow differs by
+    # ~22 grey levels of a 63-level range, while re-sampled edges and noise of copies reach ~22 where
+    # the range is ~200. Full-range excess counts as is, flat-region excess up to 3x.
+    span = _filter3(_filter3(np.maximum(q, r), np.maximum), np.maximum) - \
+        _filter3(_filter3(np.minimum(q, r), np.minimum), np.minimum)
+    score = excess * (255 + CONTRAST) / (span + CONTRAST)
     my, mx = int(np.ceil(0.03 * h)) + 1, int(np.ceil(0.03 * w)) + 1
-    return float(excess[my:h - my, mx:w - mx].max(initial=0.0))
+    return float(score[my:h - my, mx:w - mx].max(initial=0.0))
 
 
 def _nearest_first(found: list[tuple[tuple[float, int], str]]) -> list[str]:
@@ -397,7 +407,10 @@ class ResultCache:
         raw = await self.store.thumbnail(exact)
         if raw is None:  # stored without one (verification was off): cannot be vouched for
             return False
-        return await asyncio.to_thread(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
+        try:
+            return await asyncio.to_thread(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
+        except Exception:  # a damaged entry is a miss, never a failed request
+            return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
         thumb = None

@@ -26,7 +26,7 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--max-colour-distance", type=float, default=cache.max_colour_distance,
                    help="and how far the 4x4 colour thumbnails may differ (mean, 0..255)")
     p.add_argument("--max-difference", type=float, default=cache.max_difference,
-                   help="a candidate is served when no pixel of its 512 px thumbnail differs more (0..255)")
+                   help="a candidate is served when no pixel of its 512 px thumbnail disagrees more (see cache.difference)")
     p.add_argument("--cache-sampled", action="store_true", help="also cache sampled answers (no seed, temperature>0)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
 

@@ -25,9 +25,12 @@ PINNED = [
     pp.Label("牛奶", "生产日期 2025年", "zh", BOLD, 24, (640, 640), GREEN, 10),  # -> 2026年
     pp.Label("方便面", "康师傅", "zh", "DejaVuSansCondensed-Bold.ttf", 32, (640, 640), (235, 200, 40), 0),
     pp.Label("薬局", "ドラッグ", "ja", BOLD, 32, (640, 640), (40, 80, 190), 0),  # -> トラッグ
+    # white on yellow: 63 grey levels of contrast; the unweighed worst pixel let this one through
+    pp.Label("饮料", "雪碧", "zh", MONO, 24, (800, 600), (235, 200, 40), 15),  # -> 雪璧
 ]
 CHANGED = {"$19.00": "$18.00", "Size 8": "Size 9", "SKU 12345": "SKU 12346", "NIKE": "MIKE",
-           "生产日期 2025年": "生产日期 2026年", "康师傅": "康帅傅", "ドラッグ": "トラッグ"}
+           "生产日期 2025年": "生产日期 2026年", "康师傅": "康帅傅", "ドラッグ": "トラッグ",
+           "雪碧": "雪璧"}
 COPIES = ["jpeg q70", "resize 80%", "crop 1% left", "crop 1% all sides", "crop 1% + resize 90% + q80"]
 
 
@@ -131,3 +134,11 @@ def test_gateway_asks_the_model_for_the_second_tea_label(gateway):
         copy = c.recognize(pp.variant(tea, quality=80, scale=0.9, crop=(0.005, 0, 0, 0)), q, **GREEDY)
     assert [first.cache_status, second.cache_status, copy.cache_status] == ["miss", "miss", "perceptual"]
     assert copy.text == first.text
+
+
+def test_pictures_too_small_to_check_are_never_vouched_for():
+    from PIL import Image
+
+    tiny = pp.jpeg(Image.new("RGB", (24, 24), (40, 150, 70)))
+    assert cache.difference(cache.decode_picture(tiny), cache.thumbnail(cache.decode_picture(tiny), 512)) == float("inf")
+    assert asyncio.run(served(memory_cache(), tiny, pp.jpeg(Image.new("RGB", (24, 24), (41, 150, 70))))) is None
