@@ -11,6 +11,9 @@ from shelfsight.export.cli import add_repository_flags
 
 
 def add_gateway_flags(p) -> None:
+    from shelfsight.gateway.settings import CacheSettings
+
+    cache = CacheSettings()
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464)
@@ -20,9 +23,12 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-perceptual", action="store_true")
     p.add_argument("--phash-bits", type=int, choices=(64, 256), default=256)
-    p.add_argument("--max-distance", type=int, default=10, help="pHash bits that may differ for a perceptual hit")
-    p.add_argument("--max-colour-distance", type=float, default=4.0,
+    p.add_argument("--max-distance", type=int, default=cache.max_distance,
+                   help="pHash bits that may differ for a perceptual candidate")
+    p.add_argument("--max-colour-distance", type=float, default=cache.max_colour_distance,
                    help="and how far the 4x4 colour thumbnails may differ (mean, 0..255)")
+    p.add_argument("--max-difference", type=float, default=cache.max_difference,
+                   help="a candidate is served when no pixel of its 512 px thumbnail disagrees more (see cache.difference)")
     p.add_argument("--no-cache-sampled", dest="cache_sampled", action="store_false",
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")
@@ -38,6 +44,7 @@ def settings_from(args, triton_url: str):
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
+                            max_difference=args.max_difference,
                             cache_sampled=args.cache_sampled, redis_url=args.redis))
 
 
