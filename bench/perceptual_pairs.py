@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import synth  # noqa: E402
-from shelfsight.gateway import cache  # noqa: E402
+from shelfsight.gateway import cache, likeness  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu/"
@@ -218,8 +218,8 @@ def main() -> int:
         checks.append((time.perf_counter() - t0, value))
         return value
     cache.difference = timed_check  # ResultCache calls it through the module
-    check(cache.decode_picture(copies[0][1]), cache.thumbnail(cache.decode_picture(copies[0][1]), 512))  # warm-up
-    sizes = [len(cache.thumbnail(cache.decode_picture(a), new.verify_side).encode()) for _, a, _ in copies[::len(VARIANTS)]]
+    check(likeness.decode_picture(copies[0][1]), likeness.thumbnail(likeness.decode_picture(copies[0][1]), 512))  # warm-up
+    sizes = [len(likeness.thumbnail(likeness.decode_picture(a), new.verify_side).encode()) for _, a, _ in copies[::len(VARIANTS)]]
     print(f"stored thumbnails ({new.verify_side} px, zlib): median {statistics.median(sizes) / 1024:.0f} KiB,"
           f" max {max(sizes) / 1024:.0f} KiB")
     for rule, settings in rules.items():

@@ -28,7 +28,7 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--max-colour-distance", type=float, default=cache.max_colour_distance,
                    help="and how far the 4x4 colour thumbnails may differ (mean, 0..255)")
     p.add_argument("--max-difference", type=float, default=cache.max_difference,
-                   help="a candidate is served when no pixel of its 512 px thumbnail disagrees more (see cache.difference)")
+                   help="a candidate is served when no pixel of its 512 px thumbnail disagrees more (see likeness.difference)")
     p.add_argument("--no-cache-sampled", dest="cache_sampled", action="store_false",
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")

@@ -19,7 +19,7 @@ class CacheSettings:
     max_distance: int = 112
     max_colour_distance: float = 4.0
     # A candidate is served when its 512 px grey thumbnail and the picture disagree by at most
-    # `max_difference` at every pixel after alignment (cache.difference: grey levels, weighed up to 3x
+    # `max_difference` at every pixel after alignment (likeness.difference: grey levels, weighed up to 3x
     # where the local contrast is low). Measured by bench/perceptual_pairs.py (907 text-only pairs,
     # 2,928 copies): copies (JPEG q70-95, 80-100% resizes, <= 1% crops) <= 41.9, labels whose text
     # changed >= 53.4. verify=False is the old rule (hash only, max_distance 10), which served other

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from shelfsight.gateway.cache import MemoryStore, distance, make_key, near, signature
+from shelfsight.gateway.cache import MemoryStore, make_key
+from shelfsight.gateway.likeness import distance, near, signature
 from shelfsight.gateway.settings import CacheSettings
 from shelfsight.loadtest import images
 

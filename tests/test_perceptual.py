@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from bench import perceptual_pairs as pp
-from shelfsight.gateway import cache
+from shelfsight.gateway import cache, likeness
 from shelfsight.gateway.settings import CacheSettings
 from tests.test_gateway import redis_url  # noqa: F401  (fixture: a real redis-server on a free port)
 
@@ -101,11 +101,11 @@ def test_redis_store_keeps_what_the_check_needs(redis_url):  # noqa: F811
 
 def test_thumbnail_is_bounded_and_round_trips():
     a, _ = pp.issue_pair()
-    t = cache.thumbnail(cache.decode_picture(a), 512)
+    t = likeness.thumbnail(likeness.decode_picture(a), 512)
     raw = t.encode()
     assert t.pixels.shape == (512, 512) and len(raw) < 512 * 512
-    assert (cache.Thumbnail.decode(raw).pixels == t.pixels).all()
-    assert cache.thumbnail(cache.decode_picture(pp.jpeg(pp.render(replace(PINNED[0], canvas=(300, 200))))),
+    assert (likeness.Thumbnail.decode(raw).pixels == t.pixels).all()
+    assert likeness.thumbnail(likeness.decode_picture(pp.jpeg(pp.render(replace(PINNED[0], canvas=(300, 200))))),
                            512).pixels.shape == (200, 300)  # never enlarged
 
 
@@ -140,5 +140,5 @@ def test_pictures_too_small_to_check_are_never_vouched_for():
     from PIL import Image
 
     tiny = pp.jpeg(Image.new("RGB", (24, 24), (40, 150, 70)))
-    assert cache.difference(cache.decode_picture(tiny), cache.thumbnail(cache.decode_picture(tiny), 512)) == float("inf")
+    assert likeness.difference(likeness.decode_picture(tiny), likeness.thumbnail(likeness.decode_picture(tiny), 512)) == float("inf")
     assert asyncio.run(served(memory_cache(), tiny, pp.jpeg(Image.new("RGB", (24, 24), (41, 150, 70))))) is None
