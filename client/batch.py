@@ -2,8 +2,9 @@
 
 Nothing accepted is lost and nothing is answered twice: each answer is appended (and flushed to disk)
 the moment it arrives; a rerun reads the file, drops a line cut short by a crash, and asks only about
-images that have no answer yet. Failures of the latest run are listed in `<out>.errors.jsonl` and are
-retried on the next run.
+images that have no answer yet. Files of other types are not asked about, but are counted and named
+(Summary.unsupported; the command line says so on stderr before asking). Failures of the latest run
+are listed in `<out>.errors.jsonl` and are retried on the next run.
 Transient refusals (RESOURCE_EXHAUSTED, UNAVAILABLE) are retried with backoff within a run.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shelfsight import errors
@@ -29,10 +30,21 @@ class Summary:
     skipped: int  # answered by an earlier run
     answered: int
     failed: int
+    unsupported: list[str] = field(default_factory=list)  # files not asked about: not an image type
 
 
-def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, files of any other type) under `folder`, recursively, sorted."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def describe_unsupported(names: list[str], shown: int = 10) -> str:
+    """One line: how many files were left out and which (the first `shown` of them)."""
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return (f"{len(names)} file{'s' if len(names) != 1 else ''} not asked about "
+            f"(not {'/'.join(IMAGE_SUFFIXES)}): {listed}")
 
 
 def answered(out: Path, question: str) -> set[str]:
@@ -57,6 +69,10 @@ def answered(out: Path, question: str) -> set[str]:
     return done
 
 
+def errors_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
 class Appender:
     """One JSON object per line, durable before the next is taken."""
 
@@ -74,13 +90,26 @@ class Appender:
 
 
 async def run(target: str, folder: Path, out: Path, question: str = DEFAULT_QUESTION, concurrency: int = 4,
-              progress: bool = True, retries: int = 3, timeout: float | None = None, **request) -> Summary:
-    """Every image under `folder` (recursively), named by its path relative to the folder."""
+              progress: bool = True, retries: int = 3, timeout: float | None = None, log=None,
+              **request) -> Summary:
+    """Every image under `folder` (recursively), named by its path relative to the folder; `log`, if
+    given, hears which other files are left out before any question is asked."""
     folder = Path(folder)
     if not folder.is_dir():
         raise errors.NotFound(f"image folder {folder} does not exist")
-    items = [(p.relative_to(folder).as_posix(), p) for p in images_in(folder)]
-    return await ask_all(target, items, out, question, concurrency, progress, retries, timeout, **request)
+    images, others = scan(folder)
+    out = Path(out)
+    ours = {out.resolve(), errors_path(out).resolve()}  # --out may sit inside the folder
+    unsupported = [p.relative_to(folder).as_posix() for p in others if p.resolve() not in ours]
+    if not images:
+        raise errors.InvalidArgument(f"image folder {folder} holds no image files"
+                                     + (f"; {describe_unsupported(unsupported)}" if unsupported else ""))
+    if unsupported and log:
+        log(describe_unsupported(unsupported))
+    items = [(p.relative_to(folder).as_posix(), p) for p in images]
+    summary = await ask_all(target, items, out, question, concurrency, progress, retries, timeout, **request)
+    summary.unsupported = unsupported
+    return summary
 
 
 async def ask_all(target: str, items: list[tuple[str, Path]], out: Path, question: str, concurrency: int = 4,
@@ -93,7 +122,7 @@ async def ask_all(target: str, items: list[tuple[str, Path]], out: Path, questio
     todo = [(name, path) for name, path in items if name not in done]
     summary = Summary(total=len(items), skipped=len(items) - len(todo), answered=0, failed=0)
     # failures are retried on every run, so their file describes the latest run only
-    results, failures = Appender(out), Appender(out.with_name(out.stem + ".errors.jsonl"), mode="w")
+    results, failures = Appender(out), Appender(errors_path(out), mode="w")
     bar = None
     if progress:
         from tqdm import tqdm

@@ -80,8 +80,11 @@ def cmd_ask(args) -> int:
 def cmd_batch(args) -> int:
     from shelfsight.client import batch
 
+    def log(msg: str) -> None:
+        print(f"batch: {msg}", file=sys.stderr, flush=True)
+
     summary = asyncio.run(batch.run(args.target, args.folder, args.out, args.question or batch.DEFAULT_QUESTION,
                                     concurrency=args.concurrency, progress=not args.no_progress,
-                                    timeout=args.timeout, **request_options(args)))
-    print(json.dumps(summary.__dict__))
+                                    timeout=args.timeout, log=log, **request_options(args)))
+    print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
     return 1 if summary.failed else 0

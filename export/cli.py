@@ -35,16 +35,31 @@ def register(sub) -> None:
     r = esub.add_parser("repository", help="lay out the Triton model repository for a checkpoint")
     r.add_argument("--model", required=True, type=Path, help="a Qwen3-VL checkpoint (bf16, int8 or int4)")
     r.add_argument("--out", required=True, type=Path)
-    r.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
-    r.add_argument("--preprocess-instances", type=int, default=2)
-    r.add_argument("--collect-instances", type=int, default=4)
-    r.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
-    r.add_argument("--max-pixels", type=int, default=1_048_576,
-                   help="resize pictures to at most this many pixels (1,024 visual tokens by default)")
-    r.add_argument("--min-pixels", type=int, default=65_536)
-    r.add_argument("--max-new-tokens", type=int, default=256, help="default answer length")
+    add_repository_flags(r)
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
     r.set_defaults(func=cmd_repository)
+
+
+def add_repository_flags(p) -> None:
+    """How the repository is laid out: `export repository` and `serve --model` take the same flags."""
+    # literal defaults (RepositoryJob's): importing it here would load torch for every command
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
+    p.add_argument("--preprocess-instances", type=int, default=2)
+    p.add_argument("--collect-instances", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
+    p.add_argument("--max-pixels", type=int, default=1_048_576,
+                   help="resize pictures to at most this many pixels (1,024 visual tokens by default)")
+    p.add_argument("--min-pixels", type=int, default=65_536)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length")
+
+
+def repository_job(args, model: Path, out: Path, force: bool = False):
+    from shelfsight.export.repository import RepositoryJob
+
+    return RepositoryJob(model=model, out=out, device=args.device, preprocess_instances=args.preprocess_instances,
+                         collect_instances=args.collect_instances, max_batch=args.max_batch,
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                         max_new_tokens=args.max_new_tokens, force=force)
 
 
 def cmd_tiny(args) -> int:
@@ -75,12 +90,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_repository(args) -> int:
-    from shelfsight.export.repository import RepositoryJob, build
+    from shelfsight.export.repository import build
 
-    served = build(RepositoryJob(model=args.model, out=args.out, device=args.device,
-                                 preprocess_instances=args.preprocess_instances,
-                                 collect_instances=args.collect_instances, max_batch=args.max_batch,
-                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                 max_new_tokens=args.max_new_tokens, force=args.force))
+    served = build(repository_job(args, args.model, args.out, args.force))
     print(f"wrote {args.out}: {served.model_id} ({served.scheme}) on {served.device}, {served.dtype}")
     return 0

@@ -6,7 +6,9 @@ question or setting: the failure peers shipped when they keyed on placeholder to
 
     exact       sha256(image bytes) + context
     perceptual  the same context, a pHash within `max_distance` bits and a colour layout within
-                `max_colour_distance` (see Signature)
+                `max_colour_distance` (see Signature) find *candidates*; one is served only when the
+                two pictures agree everywhere, pixel by pixel after alignment (see `difference`):
+                the hash alone served the answer for "$4.99" to a photo of "$9.99".
 
 Only complete, successful answers are stored (the service decides what qualifies).
 """
@@ -14,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import time
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from shelfsight.gateway.likeness import Signature, Thumbnail, decode_picture, difference, near, signature_of, thumbnail
 from shelfsight.gateway.settings import CacheSettings
 
 ENTRY_OVERHEAD = 256  # bytes per entry beyond its value: keys, bookkeeping
@@ -62,63 +64,17 @@ def make_key(image: bytes, question: str, system: str, params: dict, model_id: s
     return CacheKey(exact=exact, context=context)
 
 
-@dataclass(frozen=True)
-class Signature:
-    """What a picture looks like, coarsely: its pHash (structure, grey levels) and a 4x4 RGB
-    thumbnail (colour layout). A perceptual hit needs both to be near: on 300 product renders, pHash
-    alone let 3 of 44,850 pairs of *different* products within 10 bits; none of those was within
-    the colour bound, while re-encoded, resized and cropped copies stayed well below it."""
-
-    phash: int
-    colour: bytes  # 48 bytes: 4x4 pixels x RGB
-
-    def encode(self) -> str:
-        return f"{self.phash:x}:{self.colour.hex()}"
-
-    @classmethod
-    def decode(cls, text: str) -> "Signature":
-        h, c = text.split(":")
-        return cls(int(h, 16), bytes.fromhex(c))
-
-
-def signature(image: bytes, bits: int) -> Signature:
-    """pHash of `bits` bits (a square: 64 or 256) and the colour layout, from one decode."""
-    import imagehash
-    from PIL import Image, ImageOps
-
-    side = int(round(bits ** 0.5))
-    with Image.open(io.BytesIO(image)) as im:
-        # Draft decoding keeps >= 512 px a side: a 12 MP JPEG decodes 4x smaller, cheaply. Drafting
-        # further (to 128 px) made copies resized by 90% land on other DCT scales, and their hashes
-        # apart: median distance 14 instead of 2 on product renders.
-        im.draft("RGB", (512, 512))
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        h = imagehash.phash(im.convert("L"), hash_size=side)
-        colour = im.resize((4, 4), Image.BOX).tobytes()
-    return Signature(int(str(h), 16), colour)
-
-
-def distance(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
-def colour_distance(a: bytes, b: bytes) -> float:
-    """Mean absolute difference of the two thumbnails, 0..255."""
-    return sum(abs(x - y) for x, y in zip(a, b)) / max(1, len(a))
-
-
-def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> int | None:
-    """pHash distance when both bounds hold, else None."""
-    d = distance(a.phash, b.phash)
-    return d if d <= max_distance and colour_distance(a.colour, b.colour) <= max_colour else None
+def _nearest_first(found: list[tuple[tuple[float, int], str]]) -> list[str]:
+    return [exact for _, exact in sorted(found)]
 
 
 class MemoryStore:
-    """Process-local store: LRU by bytes, TTL per entry, a per-context list of picture hashes."""
+    """Process-local store: LRU by bytes (answers and thumbnails), TTL per entry, a per-context list of
+    picture hashes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.used = max_bytes, 0
-        self._entries: OrderedDict[str, tuple[bytes, float, str, Signature | None]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, float, str, bytes | None]] = OrderedDict()
         self._by_context: dict[str, dict[str, Signature]] = {}
 
     async def get(self, exact: str) -> bytes | None:
@@ -131,30 +87,32 @@ class MemoryStore:
         self._entries.move_to_end(exact)
         return item[0]
 
-    async def nearest(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> tuple[str, int] | None:
-        best = None
-        for exact, other in list(self._by_context.get(context, {}).items()):
-            d = near(sig, other, max_distance, max_colour)
-            if d is not None and (best is None or d < best[1]):
-                best = (exact, d)
-        return best
+    async def thumbnail(self, exact: str) -> bytes | None:
+        item = self._entries.get(exact)
+        return item[3] if item is not None else None
 
-    async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float) -> None:
-        size = len(value) + ENTRY_OVERHEAD
+    async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
+        found = [(d, exact) for exact, other in list(self._by_context.get(context, {}).items())
+                 if (d := near(sig, other, max_distance, max_colour)) is not None]
+        return _nearest_first(found)
+
+    async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float,
+                  thumb: bytes | None = None) -> None:
+        size = len(value) + len(thumb or b"") + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return
         if exact in self._entries:
             self._remove(exact)
         while self.used + size > self.max_bytes and self._entries:
             self._remove(next(iter(self._entries)))
-        self._entries[exact] = (value, time.time() + ttl, context, sig)
+        self._entries[exact] = (value, time.time() + ttl, context, thumb)
         self.used += size
         if sig is not None:
             self._by_context.setdefault(context, {})[exact] = sig
 
     def _remove(self, exact: str) -> None:
-        value, _, context, _ = self._entries.pop(exact)
-        self.used -= len(value) + ENTRY_OVERHEAD
+        value, _, context, thumb = self._entries.pop(exact)
+        self.used -= len(value) + len(thumb or b"") + ENTRY_OVERHEAD
         hashes = self._by_context.get(context)
         if hashes is not None:
             hashes.pop(exact, None)
@@ -169,8 +127,8 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Shared store for several gateways: answers as keys with a TTL, picture hashes per context in a
-    hash. Redis's own maxmemory policy bounds its size."""
+    """Shared store for several gateways: answers and thumbnails as keys with a TTL, picture hashes per
+    context in a hash. Redis's own maxmemory policy bounds its size."""
 
     def __init__(self, url: str, prefix: str = "shelfsight"):
         import redis.asyncio as redis
@@ -181,22 +139,30 @@ class RedisStore:
     async def get(self, exact: str) -> bytes | None:
         return await self.redis.get(f"{self.prefix}:x:{exact}")
 
-    async def nearest(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> tuple[str, int] | None:
-        index = f"{self.prefix}:p:{context}"
-        best = None
-        for exact, raw in (await self.redis.hgetall(index)).items():
-            d = near(sig, Signature.decode(raw.decode()), max_distance, max_colour)
-            if d is not None and (best is None or d < best[1]):
-                best = (exact.decode(), d)
-        if best and not await self.redis.exists(f"{self.prefix}:x:{best[0]}"):
-            await self.redis.hdel(index, best[0])  # its answer expired: forget the signature too
-            return await self.nearest(context, sig, max_distance, max_colour)
-        return best
+    async def thumbnail(self, exact: str) -> bytes | None:
+        return await self.redis.get(f"{self.prefix}:t:{exact}")
 
-    async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float) -> None:
+    async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
+        index = f"{self.prefix}:p:{context}"
+        found = [(d, exact.decode()) for exact, raw in (await self.redis.hgetall(index)).items()
+                 if (d := near(sig, Signature.decode(raw.decode()), max_distance, max_colour)) is not None]
+        pipe = self.redis.pipeline()
+        for _, exact in found:
+            pipe.exists(f"{self.prefix}:x:{exact}")
+        live = await pipe.execute() if found else []
+        gone = [exact for (_, exact), ok in zip(found, live) if not ok]
+        if gone:  # their answers expired: forget their signatures too
+            await self.redis.hdel(index, *gone)
+        found = [f for f, ok in zip(found, live) if ok]
+        return _nearest_first(found)
+
+    async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float,
+                  thumb: bytes | None = None) -> None:
         ms = max(1, int(ttl * 1000))
         pipe = self.redis.pipeline()
         pipe.set(f"{self.prefix}:x:{exact}", value, px=ms)
+        if thumb is not None:
+            pipe.set(f"{self.prefix}:t:{exact}", thumb, px=ms)
         if sig is not None:
             index = f"{self.prefix}:p:{context}"
             pipe.hset(index, exact, sig.encode())
@@ -216,12 +182,20 @@ class Probe:
 
     key: CacheKey
     signature: Signature | None = None
+    picture: object = None  # the decoded picture (Pillow, grey) until the answer is stored
 
 
 class ResultCache:
+    MAX_CANDIDATES = 4  # candidates verified per lookup, nearest hash first
+
     def __init__(self, settings: CacheSettings, store=None):
         self.settings = settings
         self.store = store or (RedisStore(settings.redis_url) if settings.redis_url else MemoryStore(settings.max_bytes))
+
+    def _examine(self, probe: Probe, image: bytes) -> None:
+        picture = decode_picture(image)
+        probe.signature = signature_of(picture, self.settings.phash_bits)
+        probe.picture = picture.convert("L")  # all the check and the thumbnail need: a third of the bytes
 
     async def lookup(self, probe: Probe, image: bytes, on_result) -> tuple[CachedAnswer, str] | None:
         """(answer, "exact" | "perceptual") or None. on_result(level, hit) reports each lookup."""
@@ -232,24 +206,44 @@ class ResultCache:
         if not self.settings.perceptual:
             return None
         try:
-            probe.signature = await asyncio.to_thread(signature, image, self.settings.phash_bits)
+            await asyncio.to_thread(self._examine, probe, image)
         except Exception:  # a picture Pillow cannot read has no neighbours; Triton will say why
             on_result("perceptual", False)
             return None
-        found = await self.store.nearest(probe.key.context, probe.signature, self.settings.max_distance,
-                                         self.settings.max_colour_distance)
-        raw = await self.store.get(found[0]) if found else None
-        on_result("perceptual", raw is not None)
-        return (CachedAnswer.decode(raw), "perceptual") if raw is not None else None
+        s = self.settings
+        found = await self.store.candidates(probe.key.context, probe.signature, s.max_distance, s.max_colour_distance)
+        for exact in found[:self.MAX_CANDIDATES]:
+            if s.verify and not await self._same_picture(probe, exact):
+                continue
+            raw = await self.store.get(exact)
+            if raw is not None:
+                on_result("perceptual", True)
+                return CachedAnswer.decode(raw), "perceptual"
+        on_result("perceptual", False)
+        return None
+
+    async def _same_picture(self, probe: Probe, exact: str) -> bool:
+        raw = await self.store.thumbnail(exact)
+        if raw is None:  # stored without one (verification was off): cannot be vouched for
+            return False
+        try:
+            return await asyncio.to_thread(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
+        except Exception:  # a damaged entry is a miss, never a failed request
+            return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
-        if self.settings.perceptual and probe.signature is None:
+        thumb = None
+        if self.settings.perceptual:
             try:
-                probe.signature = await asyncio.to_thread(signature, image, self.settings.phash_bits)
+                if probe.picture is None:
+                    await asyncio.to_thread(self._examine, probe, image)
+                if self.settings.verify:
+                    thumb = (await asyncio.to_thread(thumbnail, probe.picture, self.settings.verify_side)).encode()
             except Exception:
                 probe.signature = None
+        probe.picture = None  # the answer is stored: the decoded picture is not needed any more
         await self.store.put(probe.key.exact, probe.key.context, probe.signature, answer.encode(),
-                             self.settings.ttl_seconds)
+                             self.settings.ttl_seconds, thumb)
 
     def stats(self):
         return self.store.stats()

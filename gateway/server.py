@@ -16,13 +16,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shelfsight.errors import Internal, ShelfsightError
+from shelfsight.errors import Internal, InvalidArgument, ShelfsightError
 from shelfsight.gateway.cache import ResultCache
+from shelfsight.gateway.malformed import Malformed, lenient
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.protos import SERVICE, pb_grpc
+from shelfsight.protos import SERVICE, pb, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
 access = logging.getLogger("shelfsight.gateway.access")
@@ -39,6 +40,11 @@ def _final_code(context, exc: BaseException | None) -> str:
     return "INTERNAL"
 
 
+def _refuse_malformed(request) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(request.message)
+
+
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Metrics, error mapping and the access log for every RPC."""
 
@@ -50,14 +56,18 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         service, _, method = details.method.strip("/").rpartition("/")
+        deserialize = handler.request_deserializer
+        if service == SERVICE:  # our own messages: a body that does not parse is INVALID_ARGUMENT
+            deserialize = lenient(deserialize, pb.DESCRIPTOR.services_by_name["ProductVision"]
+                                  .methods_by_name[method].input_type)
         if handler.unary_unary:
             labels = ("unary", service, method)
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, labels),
-                                                       handler.request_deserializer, handler.response_serializer)
+                                                       deserialize, handler.response_serializer)
         if handler.unary_stream:
             labels = ("server_stream", service, method)
             return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, labels),
-                                                        handler.request_deserializer, handler.response_serializer)
+                                                        deserialize, handler.response_serializer)
         return handler
 
     def _begin(self, labels):
@@ -86,6 +96,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def call(request, context):
             t0 = self._begin(labels)
             try:
+                _refuse_malformed(request)
                 reply = await behaviour(request, context)
             except BaseException as e:  # noqa: BLE001 - classified, counted and re-raised as a status
                 await self._end(context, labels, t0, e)
@@ -98,6 +109,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def call(request, context):
             t0 = self._begin(labels)
             try:
+                _refuse_malformed(request)
                 async for item in behaviour(request, context):
                     self.m.msg_sent.labels(*labels).inc()
                     yield item
@@ -113,7 +125,8 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.health: health.aio.HealthServicer | None = None  # made in start(), inside its event loop
-        self.upstream = Upstream(settings.triton_url, settings.health_interval, self._on_upstream)
+        self.upstream = Upstream(settings.triton_url, settings.health_interval, self._on_upstream,
+                                 on_broken=lambda error: self.service.flights.fail_all(error))
         self.cache = ResultCache(settings.cache)
         self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
         self.server: grpc.aio.Server | None = None

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from shelfsight import imaging, params
-from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.errors import InvalidArgument, ModelProcessLost, ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
 from shelfsight.gateway.metrics import GatewayMetrics
@@ -101,11 +101,13 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
         except ShelfsightError as e:
             outcome = e.code
-            if isinstance(e, Unavailable):
-                asyncio.create_task(self.upstream.check())  # learn now whether Triton is gone
+            if isinstance(e, ModelProcessLost):
+                self.upstream.mark_broken(e.message)  # fails the other calls, which would hang
+            elif isinstance(e, Unavailable):
+                self.upstream.poke()  # learn now whether Triton is gone
             raise
         except asyncio.CancelledError:
-            outcome = "CANCELLED"
+            outcome = getattr(flight.abort_error, "code", "CANCELLED")
             raise
         finally:
             flight.upstream_seconds = time.perf_counter() - t0

@@ -1,14 +1,26 @@
 """The gateway's side of Triton: one pipeline client, what the served model is (read from the
-`pipeline` config), and whether Triton is ready - watched in the background so health is current and
-the gateway recovers by itself when Triton comes back."""
+`pipeline` config), and whether Triton can answer - watched in the background so health is current and
+the gateway recovers by itself when Triton comes back.
+
+Ready means: both ensembles report ready *and* no model process is known dead. Triton keeps reporting
+a model ready after its Python stub died (it only fails the model's requests with "Stub process is not
+healthy", and never answers those it had in flight), so a failure seen on a call, or reported by the
+process supervisor, marks the upstream broken: in-flight calls fail at once with UNAVAILABLE, health
+says NOT_SERVING, and it stays so until Triton restarted (its readiness dropped and came back) or a
+probe request through the whole pipeline succeeds again.
+
+The model id is re-read every time Triton becomes ready, so answers cached after a restart with
+another checkpoint carry the new id.
+"""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from shelfsight.errors import Unavailable
+from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
 from shelfsight.pipeline import PipelineClient
@@ -31,13 +43,26 @@ class ModelInfo:
                    image_limits=ImageLimits(**d["image_limits"]))
 
 
+def _probe_image() -> bytes:
+    """A 64x64 grey PNG: the smallest real picture the pipeline accepts."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 class Upstream:
-    def __init__(self, url: str, interval: float, on_change: Callable[[bool], None] = lambda ready: None):
+    def __init__(self, url: str, interval: float, on_change: Callable[[bool], None] = lambda ready: None,
+                 on_broken: Callable[[ShelfsightError], None] = lambda error: None):
         self.client: PipelineClient | None = None  # made in start(): an aio channel belongs to its loop
-        self.url, self.interval, self.on_change = url, interval, on_change
+        self.url, self.interval = url, interval
+        self.on_change, self.on_broken = on_change, on_broken
         self.ready = False
         self.info: ModelInfo | None = None
+        self.broken: str | None = None  # why the running Triton cannot answer, until it is restarted
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
 
     async def start(self) -> None:
         self.client = PipelineClient(self.url)
@@ -45,31 +70,71 @@ class Upstream:
         self._task = asyncio.create_task(self._watch())
 
     async def check(self) -> bool:
-        ready = await self.client.ready()
-        if ready and self.info is None:
+        up = await self.client.ready()
+        if not up:
+            self.broken = None  # down (or restarting): whatever broke goes with it
+        elif self.broken is not None and not await self._probe():
+            up = False
+        if up and not self.ready:  # (re)connected: what is served may have changed
             try:
                 self.info = ModelInfo.from_dict(await self.client.serving_info())
             except Exception as e:  # noqa: BLE001 - not servable until the model says what it is
                 log.warning("triton at %s is up but its pipeline carries no usable info: %s", self.url, e)
-                ready = False
+                up = False
+        self._set(up)
+        return up
+
+    def _set(self, ready: bool) -> None:
         if ready != self.ready:
-            log.info("triton at %s is %s", self.url, "ready" if ready else "NOT ready")
+            log.info("triton at %s is %s", self.url, "ready" if ready else
+                     f"NOT ready{f' ({self.broken})' if self.broken else ''}")
             self.ready = ready
             self.on_change(ready)
-        return ready
+
+    async def _probe(self) -> bool:
+        """One real request through the pipeline, one token long: does every model process answer?"""
+        try:
+            await asyncio.wait_for(self.client.infer(_probe_image(), "ping", max_new_tokens=1, temperature=0.0,
+                                                     request_id="shelfsight-probe"), timeout=30)
+        except Exception as e:  # noqa: BLE001 - any failure means: still broken
+            log.info("probe of the broken upstream failed: %s", e)
+            return False
+        log.info("probe through the pipeline succeeded; upstream repaired")
+        self.broken = None
+        return True
+
+    def mark_broken(self, reason: str) -> None:
+        """A model process is known dead (a call said so, or the supervisor saw it): stop serving,
+        fail what is in flight, and check again soon."""
+        if self.broken is None:
+            log.error("triton at %s is broken: %s", self.url, reason)
+        self.broken = reason
+        self._set(False)
+        self.on_broken(Unavailable(f"the model server failed ({reason}); retry shortly"))
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Check now rather than at the next interval (e.g. the supervisor restarted Triton)."""
+        self._wake.set()
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            try:
+                # while not ready, look more often: recovery should not wait a whole interval
+                await asyncio.wait_for(self._wake.wait(), self.interval if self.ready else min(0.25, self.interval))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await self.check()
             except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
                 log.exception("readiness check failed")
 
     def model(self) -> ModelInfo:
-        """What is served, or UNAVAILABLE while Triton is down or starting."""
+        """What is served, or UNAVAILABLE while Triton is down, starting or broken."""
         if self.info is None or not self.ready:
-            raise Unavailable(f"the model server at {self.url} is not ready; retry shortly")
+            why = f" ({self.broken})" if self.broken else ""
+            raise Unavailable(f"the model server at {self.url} is not ready{why}; retry shortly")
         return self.info
 
     async def close(self) -> None:

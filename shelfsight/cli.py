@@ -39,37 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register_triton(sub) -> None:
-    t = sub.add_parser("triton", help="run the bundled tritonserver on a repository until Ctrl-C/SIGTERM")
+    from shelfsight.gateway.cli import add_triton_flags
+
+    t = sub.add_parser("triton", help="run the bundled tritonserver on a repository until Ctrl-C/SIGTERM, "
+                       "restarting it when it or a model process dies")
     t.add_argument("--repo", required=True, type=Path)
-    t.add_argument("--grpc-port", type=int, default=8001)
-    t.add_argument("--http-port", type=int, default=8000)
-    t.add_argument("--metrics-port", type=int, default=8002)
     t.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    add_triton_flags(t)
     t.set_defaults(func=cmd_triton)
 
 
 def cmd_triton(args) -> int:
+    import asyncio
+    import logging
     import signal
-    import threading
 
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.gateway.cli import _triton_exit, triton_settings
+    from shelfsight.supervisor import RestartPolicy, Supervisor
 
-    server = TritonServer(TritonSettings(repo=args.repo, grpc_port=args.grpc_port, http_port=args.http_port,
-                                         metrics_port=args.metrics_port, host=args.host))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    print(f"tritonserver ready: grpc {server.grpc_url}, metrics {server.metrics_url}; "
-          f"shm prefix {server.shm_prefix}; log {server.log_path}", flush=True)
-    while not stop.is_set():
-        if server.proc.poll() is not None:
-            print(f"tritonserver exited ({server.proc.returncode}):\n{server.log_tail()}", file=sys.stderr)
-            return 1
-        stop.wait(0.5)
-    rc = server.stop()
-    print(f"tritonserver stopped (exit code {rc})", flush=True)
-    return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    supervisor = Supervisor(triton_settings(args, args.repo, args.host), RestartPolicy(max_failures=args.max_restarts))
+    server = supervisor.start()
+    print(f"tritonserver ready: {server.addresses()}; shm prefix {server.shm_prefix};", flush=True)
+
+    async def watch() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await supervisor.run(stop)
+
+    asyncio.run(watch())  # giving up raises Unavailable: exit code 1
+    rc = _triton_exit(supervisor)
+    print(f"tritonserver stopped (exit code {supervisor.exit_code})", flush=True)
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

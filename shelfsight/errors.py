@@ -51,6 +51,10 @@ class Unavailable(ShelfsightError):
     code = "UNAVAILABLE"
 
 
+class ModelProcessLost(Unavailable):
+    """A model's process died under a running Triton: that model fails until Triton is restarted."""
+
+
 class DeadlineExceeded(ShelfsightError):
     code = "DEADLINE_EXCEEDED"
 

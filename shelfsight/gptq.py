@@ -83,7 +83,7 @@ def pack(q: QuantizedTensor) -> dict[str, torch.Tensor]:
         "qweight": _pack_rows(q.codes, q.bits),
         "qzeros": _pack_rows((q.zeros.to(torch.int64) - 1).t(), q.bits).t().contiguous(),
         "scales": q.scales.to(torch.float16),
-        "g_idx": (torch.arange(k, dtype=torch.int32) // q.group_size),
+        "g_idx": (torch.arange(k, dtype=torch.int32, device=q.codes.device) // q.group_size),
     }
 
 
@@ -116,7 +116,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedT
     zero = (maxq + 1) // 2
     codes = torch.clamp(torch.round(w / scales.unsqueeze(1)) + zero, 0, maxq)
     return QuantizedTensor(codes=codes.reshape(k, n).to(torch.int32),
-                           zeros=torch.full((k // g, n), zero, dtype=torch.int32),
+                           zeros=torch.full((k // g, n), zero, dtype=torch.int32, device=weight.device),
                            scales=scales.to(torch.float16), bits=bits, group_size=g)
 
 

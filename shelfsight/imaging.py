@@ -9,17 +9,19 @@ costs nothing.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from shelfsight.errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Pillow's decoders allowed to open request bytes (its JPEG opener also yields phone-camera MPO files).
 PIL_FORMATS = FORMATS
+OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 Image.init()  # register every plugin now: `formats=` only finds decoders that are already loaded
 
 
@@ -93,8 +95,12 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), enhance: bool = Fal
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InvalidArgument(f"image looks like a decompression bomb; the limit is {limits.max_pixels} pixels") from None
+        except UnidentifiedImageError:
+            raise InvalidArgument(f"image starts like a {fmt} file but its header is not readable "
+                                  "(corrupt or truncated)") from None
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-            detail = str(e) or type(e).__name__
+            # Pillow's messages may name the in-memory buffer (<_io.BytesIO object at 0x...>): noise to a client
+            detail = OBJECT_REPR.sub("the data", str(e)).strip() or type(e).__name__
             raise InvalidArgument(f"{fmt} image could not be decoded: {detail}") from None
     try:
         im = ImageOps.exif_transpose(im)

@@ -11,12 +11,14 @@ which an ensemble reports as INTERNAL or INVALID_ARGUMENT whatever the cause.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from shelfsight import errors
@@ -84,11 +86,14 @@ def _outputs(result) -> tuple[str, int, int, str]:
 def to_error(exc: Exception) -> errors.ShelfsightError:
     if isinstance(exc, errors.ShelfsightError):
         return exc
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        # raised by the stream iterator itself (deadline, connection) rather than wrapped by tritonclient
-        details = exc.details() or exc.code().name
-        return errors.parse(details) or _GRPC_STATUS.get(exc.code().name, errors.Internal)(f"triton: {details}")
-    message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    rpc = isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))
+    message = (exc.details() or exc.code().name) if rpc else \
+        exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    dead = STUB_DEAD.search(message or "")
+    if dead:
+        return errors.ModelProcessLost(f"the model server lost a model process ({dead.group(0)}); retry shortly")
+    if rpc:  # raised by the stream iterator itself (deadline, connection) rather than wrapped by tritonclient
+        return errors.parse(message) or _GRPC_STATUS.get(exc.code().name, errors.Internal)(f"triton: {message}")
     typed = errors.parse(message or "")
     if typed is not None:
         return typed
@@ -99,19 +104,37 @@ def to_error(exc: Exception) -> errors.ShelfsightError:
     return _GRPC_STATUS.get(status, errors.Internal)(f"triton: {message or exc}")
 
 
+# gRPC's default reconnect backoff grows to 120 s while a server is down, so a client could wait
+# tens of seconds after Triton was back (measured: 38 s). Cap it at 1 s: a reconnect attempt per second
+# to one local address costs nothing.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+# What Triton's Python backend says about a model whose stub process died: the model is broken until
+# it is restarted, which is UNAVAILABLE (retry elsewhere or later), not an internal error of the request.
+STUB_DEAD = re.compile(r"Stub process '[^']*' is not healthy|Stub process is not healthy")
+
+
 class PipelineClient:
     """asyncio client of the pipeline contract over Triton's gRPC endpoint."""
 
     def __init__(self, url: str):
         self.url = url
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         await self._client.close()
 
     async def ready(self) -> bool:
         try:
-            return bool(await self._client.is_model_ready(UNARY) and await self._client.is_model_ready(STREAM))
+            return bool(await self._client.is_model_ready(UNARY, client_timeout=2)
+                        and await self._client.is_model_ready(STREAM, client_timeout=2))
         except Exception:
             return False
 

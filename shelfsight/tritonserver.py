@@ -9,6 +9,7 @@ the server "loading" forever, so readiness is awaited with a deadline while the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,7 +54,10 @@ class TritonSettings:
     metrics_port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     startup_timeout: float = 300.0
-    exit_timeout: int = 5
+    # Triton's own budget for in-flight requests and model unloading on SIGTERM. Each Python stub's
+    # finalize() stops its engine and tears down a torch process: measured at 5-7 s for the tiny model
+    # on 2 cores, so 5 s ended clean stops with "Exit timeout expired" and exit code 1.
+    exit_timeout: int = 30
     log_path: Path | None = None  # default: <tempdir>/tritonserver.log
     extra_args: tuple[str, ...] = ()
 
@@ -65,14 +69,59 @@ class TritonServer:
         self.shm_prefix = f"shelfsight_{uuid.uuid4().hex[:10]}_"
         self._workdir = Path(tempfile.mkdtemp(prefix="shelfsight-triton-"))
         self.log_path = settings.log_path or self._workdir / "tritonserver.log"
+        self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
 
     @property
     def grpc_url(self) -> str:
         return f"{self.settings.host}:{self.settings.grpc_port}"
 
     @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
+
+    def addresses(self) -> str:
+        return (f"triton grpc {self.grpc_url}, http {self.http_url}, metrics {self.metrics_url}; "
+                f"log {self.log_path}")
+
+    def _children(self) -> dict[int, str]:
+        """The server's Python-backend stubs: pid -> model instance name (e.g. generate_0_0)."""
+        found = {}
+        if not self.proc:
+            return found
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != self.proc.pid:  # fields: state, ppid, ...
+                    continue
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # gone while we looked
+            if argv and argv[0].endswith(b"triton_python_backend_stub"):
+                # argv: stub, model path, shm region, sizes..., parent pid, libpython, ipc handle, instance name
+                names = [a.decode(errors="replace") for a in argv if re.fullmatch(rb"[\w.-]+_\d+_\d+", a)]
+                found[int(stat.parent.name)] = names[-1] if names else argv[1].decode(errors="replace")
+        return found
+
+    def failure(self) -> str | None:
+        """Why the server can no longer answer, or None while it is whole: the process exited, or a
+        model's stub process died (Triton keeps running then, but fails that model's requests with
+        "Stub process is not healthy" and never answers the ones it had in flight)."""
+        if not self.proc:
+            return "tritonserver is not running"
+        if self.proc.poll() is not None:
+            return f"tritonserver exited with code {self.proc.returncode}"
+        for pid, name in self.stubs.items():
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "gone"
+            if state in ("Z", "X", "gone"):
+                return f"the Python stub of model instance {name} (pid {pid}) died"
+        return None
 
     def _backends(self) -> Path:
         bundle = bundle_dir()
@@ -146,16 +195,23 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
+                        self.stubs = self._children()
                         return
             except OSError:
                 pass
             time.sleep(0.25)
         raise Unavailable(f"tritonserver was not ready after {self.settings.startup_timeout:.0f}s:\n{self.log_tail()}")
 
-    def stop(self) -> int | None:
-        """SIGTERM (in-flight requests finish), then SIGKILL after a grace period; clean up shm."""
+    def stop(self, graceful: bool = True) -> int | None:
+        """SIGTERM (in-flight requests finish), then SIGKILL after a grace period; reap the server, kill
+        any stub left behind, remove its shared memory, and its work folder unless it failed (then the
+        log stays for reading, and the path is in the message that reported the failure).
+        graceful=False kills at once: for a broken server, whose in-flight requests would never end."""
         rc = None
-        if self.proc and self.proc.poll() is None:
+        if self.proc and self.proc.poll() is None and not graceful:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait()
+        elif self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 rc = self.proc.wait(self.settings.exit_timeout + 15)
@@ -169,11 +225,18 @@ class TritonServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for pid in self.stubs:  # and by pid, in case one left the group (after a kill -9 of the server)
+            try:
+                if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)  # checked first: the pid may have been reused
+            except OSError:
+                pass
         for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             leftover.unlink(missing_ok=True)
         if getattr(self, "_log", None):
             self._log.close()
-        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        keep_log = rc not in (0, None) and self.settings.log_path is None
+        shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return rc
 
     def __enter__(self) -> "TritonServer":

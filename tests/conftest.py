@@ -86,8 +86,8 @@ def running_gateway(triton_url: str, wait_ready: bool = True, **overrides):
     from shelfsight.gateway.server import Gateway
     from shelfsight.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings(triton_url=triton_url, port=0, metrics_port=0, health_interval=0.2,
-                               shutdown_grace=10, **overrides)
+    settings = GatewaySettings(**(dict(triton_url=triton_url, port=0, metrics_port=0, health_interval=0.2,
+                                       shutdown_grace=10) | overrides))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

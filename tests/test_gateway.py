@@ -17,6 +17,7 @@ from PIL import Image
 
 from shelfsight import errors
 from shelfsight.client import AsyncShelfsightClient, ShelfsightClient
+from shelfsight.gateway.settings import CacheSettings
 from tests import imagefiles
 from tests.conftest import ROOT, make_repository, run, running_gateway, scrape
 
@@ -125,9 +126,22 @@ def _only_new_key(store, action):
     return key
 
 
-def test_sampled_answers_are_not_cached_but_seeded_ones_are(gateway):
-    q = "Describe this product."
+def test_answers_at_the_serving_defaults_are_cached(gateway):
+    """The defaults sample (temperature 0.3, no seed): a platform asking the same photo and question
+    again gets the stored answer; REFRESH draws a new one, SKIP neither reads nor writes."""
+    q = "Describe this product, please."
     with ShelfsightClient(target(gateway)) as c:
+        first = c.recognize(photo(31), q, max_new_tokens=8)
+        again = c.recognize(photo(31), q, max_new_tokens=8)
+        assert (first.cache_status, again.cache_status, again.text) == ("miss", "exact", first.text)
+        assert c.recognize(photo(31), q, max_new_tokens=8, cache="refresh").cache_status == "miss"
+        assert c.recognize(photo(31), q, max_new_tokens=8, cache="skip").cache_status == "miss"
+
+
+def test_sampled_answers_are_not_cached_when_turned_off(triton):
+    q = "Describe this product."
+    with running_gateway(triton.grpc_url, cache=CacheSettings(cache_sampled=False)) as gw, \
+            ShelfsightClient(target(gw)) as c:
         sampled = dict(temperature=0.8, max_new_tokens=8)
         assert [c.recognize(photo(30), q, **sampled).cache_status for _ in range(2)] == ["miss", "miss"]
         seeded = dict(temperature=0.8, max_new_tokens=8, seed=7)
@@ -224,6 +238,58 @@ def test_validation_errors_name_the_field(gateway, case):
     assert message in info.value.message
 
 
+def _raw_call(gw, method: str, body: bytes):
+    """Send `body` as the request message, unparsed: what a broken or hostile client can put on the wire."""
+    with grpc.insecure_channel(target(gw)) as ch:
+        path = f"/shelfsight.v1.ProductVision/{method}"
+        if method == "Recognize":
+            return ch.unary_unary(path, request_serializer=None, response_deserializer=None)(body, timeout=30)
+        return list(ch.unary_stream(path, request_serializer=None, response_deserializer=None)(body, timeout=30))
+
+
+def _with_text(field: str, raw: bytes) -> bytes:
+    from shelfsight.protos import pb
+
+    marker = "MARKER-" + field
+    fields = {"question": "What brand?", field: marker}
+    body = pb.RecognizeRequest(image=photo(61), **fields).SerializeToString()
+    return body.replace(marker.encode(), raw[:len(marker)].ljust(len(marker), b"\xff"))
+
+
+MALFORMED = {
+    "question not utf-8": (lambda: _with_text("question", b"\xff\xfeprice?"), "question is not valid UTF-8"),
+    "system not utf-8": (lambda: _with_text("system_prompt", b"\xc3\x28"), "system_prompt is not valid UTF-8"),
+    "request_id not utf-8": (lambda: _with_text("request_id", b"\xed\xa0\x80"), "request_id is not valid UTF-8"),
+    "not protobuf": (lambda: b"\xff\xff\xff\xff garbage", "is not a valid shelfsight.v1.RecognizeRequest"),
+    "truncated": (lambda: pb_request_bytes()[:-7], "is not a valid shelfsight.v1.RecognizeRequest"),
+}
+
+
+def pb_request_bytes() -> bytes:
+    from shelfsight.protos import pb
+
+    return pb.RecognizeRequest(image=photo(62), question="What brand?", system_prompt="x" * 40).SerializeToString()
+
+
+@pytest.mark.parametrize("method", ["Recognize", "RecognizeStream"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_request_bodies_are_invalid_argument(gateway, case, method):
+    make, message = MALFORMED[case]
+    bad0 = metric(gateway, "grpc_server_handled_total", grpc_method=method, grpc_code="INVALID_ARGUMENT")
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_call(gateway, method, make())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert message in info.value.details()
+    assert metric(gateway, "grpc_server_handled_total", grpc_method=method, grpc_code="INVALID_ARGUMENT") == bad0 + 1
+
+
+def test_corrupt_image_error_names_the_problem_not_a_python_object(gateway):
+    corrupt = b"\xff\xd8\xff" + bytes(range(256)) * 4  # JPEG magic, then no JPEG
+    with ShelfsightClient(target(gateway)) as c, pytest.raises(errors.InvalidArgument) as info:
+        c.recognize(corrupt, "What brand?", cache="skip")
+    assert "JPEG" in info.value.message and "object at 0x" not in info.value.message, info.value.message
+
+
 def test_unknown_cache_policy_value(gateway):
     from shelfsight.protos import pb, pb_grpc
 
@@ -260,25 +326,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_triton_down_then_back(tiny_checkpoint, tmp_path):
+def test_triton_down_then_back_with_another_model(tiny_checkpoint, tmp_path):
+    """Down long enough for gRPC's default reconnect backoff to grow past 10 s (it did: 38 s to
+    recover), then back with another checkpoint: the gateway answers within 2 s of Triton being ready,
+    and its answers and cache keys carry the new model's id."""
+    from shelfsight.export import tiny
     from shelfsight.tritonserver import TritonServer, TritonSettings
 
     repo = make_repository(tiny_checkpoint, tmp_path / "repo")
+    other = tmp_path / "other-ckpt"
+    tiny.build(other, seed=1)
+    other_repo = make_repository(other, tmp_path / "other-repo")
     ports = dict(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     first = TritonServer(TritonSettings(repo=repo, **ports)).start()
     try:
-        with running_gateway(first.grpc_url) as gw, ShelfsightClient(target(gw)) as c:
-            assert c.recognize(photo(80), "What brand?", cache="skip", **GREEDY).completion_tokens == 12
+        with running_gateway(first.grpc_url, health_interval=1.0) as gw, ShelfsightClient(target(gw)) as c:
+            before = c.recognize(photo(80), "What brand?", **GREEDY)
             first.stop()
             with pytest.raises(errors.Unavailable):
                 c.recognize(photo(80), "What brand?", cache="skip", **GREEDY)
             assert c.health() == "NOT_SERVING"
-            second = TritonServer(TritonSettings(repo=repo, **ports)).start()
+            time.sleep(12)  # backoff without a cap: 1, 2.6, 5.2, 9.3, 15.9 s... between attempts
+            second = TritonServer(TritonSettings(repo=other_repo, **ports)).start()
             try:
-                deadline = time.monotonic() + 30
-                while c.health() != "SERVING" and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                assert c.recognize(photo(80), "What brand?", cache="skip", **GREEDY).completion_tokens == 12
+                back = time.monotonic()
+                while c.health() != "SERVING" and time.monotonic() < back + 30:
+                    time.sleep(0.05)
+                after = c.recognize(photo(80), "What brand?", **GREEDY)
+                assert time.monotonic() - back < 2.0
+                assert after.completion_tokens == 12 and after.cache_status == "miss"  # not the old model's answer
+                assert after.model_id != before.model_id and after.model_id.startswith("other-ckpt@")
             finally:
                 second.stop()
     finally:

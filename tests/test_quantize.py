@@ -57,8 +57,41 @@ def test_manifest_fields(exports, tiny_checkpoint, scheme):
         assert manifest["tools"]["quantizer"].startswith("gptqmodel")
     else:
         assert manifest["calibration"] is None  # round-to-nearest and casting use no data
-    if scheme == "bf16":  # same weights, same computation: exactly the source
+    if scheme == "bf16":  # the cast is an identity and both sides are read by one forward path: exact
         assert fid["logit_cosine_min"] == 1.0 and fid["token_agreement"] == 1.0
+
+
+def test_agreement_compares_like_with_like(tiny_checkpoint, tmp_path):
+    """token_agreement sets the candidate's top-1 against the reference's top-1 from the same teacher-forced
+    forward, never against generate()'s tokens: an incremental decode may break a near-tie the other way
+    (it did on an AMD EPYC: 0.9844 for an identity cast), and that must not count against a candidate."""
+    from transformers import AutoProcessor
+
+    from shelfsight.export import calibration, fidelity, quantize
+
+    inputs = fidelity.prepare(AutoProcessor.from_pretrained(tiny_checkpoint), calibration.synthetic(2, seed=5),
+                              quantize.FIDELITY_MAX_PIXELS)
+    model = checkpoint.load_model(tiny_checkpoint)
+    real_generate = model.generate
+
+    def generate_with_other_ties(**kw):
+        # Stands in for a decode kernel of another machine, which cannot run here: the real greedy answer
+        # with two of its tokens resolved differently (ids below 100,000 are plain text tokens).
+        seq = real_generate(**kw).clone()
+        for pos in (-12, -4):
+            seq[0, pos] = (seq[0, pos] + 1) % 100_000
+        return seq
+
+    model.generate = generate_with_other_ties
+    runs = fidelity.reference_runs(model, inputs)
+    same = fidelity.compare(model, inputs, runs)
+    assert same["tokens"] == 2 * fidelity.NEW_TOKENS
+    assert same["token_agreement"] == 1.0 and same["logit_cosine_min"] == 1.0
+
+    # and the measure still sees a candidate that differs: 4-bit round-to-nearest of the same model
+    quantize.write_local(tiny_checkpoint, tmp_path, 4, 32)
+    rtn = fidelity.compare(checkpoint.load_model(tmp_path), inputs, runs)
+    assert rtn["logit_cosine_mean"] < 1.0 and rtn["token_agreement"] < 1.0
 
 
 def test_gptq_beats_round_to_nearest_on_heldout(exports):
@@ -123,6 +156,20 @@ def test_kernels_match_dequantized_reference(bits, group):
     y, y_ref = fast(x).float(), ref(x).float()
     assert y.shape == (5, 3, 96)
     assert (y - y_ref).norm() / y_ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, -1)])
+def test_rtn_keeps_every_tensor_on_the_weights_device(bits, group):
+    """Quantizing a weight on a GPU must not leave zero points (or g_idx) behind on the CPU. The meta
+    device stands in for the GPU here: any tensor created without the weight's device lands on the CPU."""
+    w = torch.empty(96, 256, dtype=torch.bfloat16, device="meta")
+    q = gptq.rtn_quantize(w, bits, group)
+    assert {t.device for t in (q.codes, q.zeros, q.scales)} == {w.device}
+    assert (q.codes.dtype, q.zeros.dtype, q.scales.dtype) == (torch.int32, torch.int32, torch.float16)
+    packed = gptq.pack(q)
+    assert {t.device for t in packed.values()} == {w.device}
+    assert {k: t.dtype for k, t in packed.items()} == {"qweight": torch.int32, "qzeros": torch.int32,
+                                                      "scales": torch.float16, "g_idx": torch.int32}
 
 
 def test_act_order_checkpoints_are_refused():

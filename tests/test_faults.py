@@ -1,0 +1,242 @@
+"""Faults injected for real into the main job: `shelfsight serve` (a real tritonserver under its
+supervisor, the real gateway) with the tiny model, under load. Every request sent is counted: each one
+is either answered or given a clear status (UNAVAILABLE), within a bound - none hangs, none is lost
+silently. Recovery times are measured from the moment the fault is injected."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from shelfsight import errors
+from shelfsight.client import ShelfsightClient
+from shelfsight.tritonserver import free_port
+from tests import imagefiles
+from tests.conftest import ROOT, make_repository, scrape
+
+pytestmark = pytest.mark.slow
+LONG = dict(temperature=0.0, max_new_tokens=400, cache="skip")
+
+
+def photo(seed: int) -> bytes:
+    return imagefiles.encode(imagefiles.photo(320, 320, seed=seed), "JPEG", quality=90)
+
+
+class Serve:
+    """`shelfsight serve` in a child process on free ports."""
+
+    def __init__(self, repo: Path, *extra: str):
+        self.ports = {name: free_port() for name in ("port", "metrics", "grpc", "http", "tmetrics")}
+        self.out: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shelfsight", "serve", "--repo", str(repo), "--port", str(self.ports["port"]),
+             "--metrics-port", str(self.ports["metrics"]), "--triton-grpc-port", str(self.ports["grpc"]),
+             "--triton-http-port", str(self.ports["http"]), "--triton-metrics-port", str(self.ports["tmetrics"]),
+             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("serving:") for line in self.out):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.out[-30:])
+            time.sleep(0.2)
+        self.target = f"127.0.0.1:{self.ports['port']}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.out.append(line)
+
+    def triton_pid(self) -> int:
+        (pid,) = [p for p in children(self.proc.pid) if b"tritonserver" in cmdline(p).split(b"\0")[0]]
+        return pid
+
+    def stub_pid(self, model: str) -> int:
+        (pid,) = [p for p in children(self.triton_pid()) if f"/{model}/1/model.py".encode() in cmdline(p)]
+        return pid
+
+    def triton_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str) -> float:
+        return sum(v for k, v in scrape(f"http://127.0.0.1:{self.ports['metrics']}/metrics").items()
+                   if k.startswith(name + "{"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(90)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie nobody reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def under_load(target: str, n: int, fault, bound: float):
+    """n long answers in flight, then `fault()`; returns each request's (outcome, seconds) once all ended."""
+    results: list = [None] * n
+
+    def ask(i):
+        t0 = time.monotonic()
+        try:
+            with ShelfsightClient(target) as c:
+                c.recognize(photo(100 + i), f"Question {i}: read the label.", timeout=bound, **LONG)
+            results[i] = ("OK", time.monotonic() - t0)
+        except errors.ShelfsightError as e:
+            results[i] = (e.code, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # all admitted and decoding
+    fault()
+    for t in threads:
+        t.join(bound + 10)
+    return results
+
+
+def wait_serving(target: str, since: float, limit: float = 180) -> float:
+    """Seconds from `since` until the gateway answers a real request again."""
+    with ShelfsightClient(target) as c:
+        while time.monotonic() - since < limit:
+            try:
+                if c.health() == "SERVING":
+                    c.recognize(photo(1), "What brand?", temperature=0.0, max_new_tokens=4, cache="skip", timeout=30)
+                    return time.monotonic() - since
+            except errors.Unavailable:
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"not serving again within {limit}s")
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_checkpoint, tmp_path_factory):
+    server = Serve(make_repository(tiny_checkpoint, tmp_path_factory.mktemp("faults") / "repo"))
+    yield server
+    server.stop()
+
+
+def test_serve_prints_every_address(serve):
+    line = next(line for line in serve.out if line.startswith("serving:"))
+    for port in serve.ports.values():
+        assert f":{port}" in line, line
+    assert "log " in line
+
+
+def test_dead_model_stub_fails_in_flight_at_once_and_recovers(serve):
+    stub = serve.stub_pid("generate")
+    seen_not_serving = []
+
+    def kill_stub():
+        os.kill(stub, signal.SIGKILL)
+        t = time.monotonic()
+        with ShelfsightClient(serve.target) as c:
+            while time.monotonic() - t < 5 and not seen_not_serving:
+                if c.health() == "NOT_SERVING":
+                    seen_not_serving.append(time.monotonic() - t)
+        kill_stub.at = t
+
+    results = under_load(serve.target, 4, kill_stub, bound=120)
+    # answered or refused with UNAVAILABLE, and at once: not at the 120 s deadline
+    assert all(r is not None and r[0] in ("OK", "UNAVAILABLE") for r in results), results
+    assert all(r[1] < 10 for r in results), results
+    assert seen_not_serving and seen_not_serving[0] < 2, "health never said NOT_SERVING"
+    recovered = wait_serving(serve.target, kill_stub.at)
+    print(f"dead generate stub: in-flight failed after {max(r[1] for r in results):.1f}s, "
+          f"NOT_SERVING after {seen_not_serving[0]:.2f}s, serving again after {recovered:.1f}s")
+    assert not alive(stub)
+    assert serve.stub_pid("generate") != stub
+    assert serve.metric("shelfsight_upstream_up") == 1
+
+
+def test_killed_triton_is_reaped_and_restarted(serve):
+    triton = serve.triton_pid()
+    stubs = children(triton)
+    assert len(stubs) >= 3
+    region = cmdline(stubs[0]).split(b"\0")[2].decode()  # <unique prefix><uuid>
+    shm_prefix = "_".join(region.split("_")[:2]) + "_"
+
+    def kill_triton():
+        os.kill(triton, signal.SIGKILL)
+        kill_triton.at = time.monotonic()
+
+    results = under_load(serve.target, 4, kill_triton, bound=120)
+    assert all(r is not None and r[0] in ("OK", "UNAVAILABLE") and r[1] < 10 for r in results), results
+    while time.monotonic() - kill_triton.at < 180 and (alive(triton) or not serve.triton_ready()):
+        time.sleep(0.05)
+    back = time.monotonic()
+    # the gateway follows within 2 s of Triton being ready again (it took 38 s with gRPC's default backoff)
+    follow = wait_serving(serve.target, back)
+    print(f"killed tritonserver: serving again after {time.monotonic() - kill_triton.at:.1f}s, "
+          f"{follow:.2f}s after Triton was ready")
+    assert follow < 2.0
+    assert not alive(triton), "the killed tritonserver was left a zombie"
+    assert not [p for p in stubs if alive(p)], "the killed server's stubs were orphaned"
+    assert serve.triton_pid() != triton
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(shm_prefix)], "its shared memory was kept"
+
+
+def test_sigterm_stops_cleanly(serve):
+    """Last in this module: it stops the shared server."""
+    triton = serve.triton_pid()
+    stubs = children(triton)
+    # the running server's folder: the last one announced (servers killed earlier keep their logs)
+    log_dir = Path([line for line in serve.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
+    assert log_dir.exists()
+    assert serve.stop() == 0, "".join(serve.out[-20:])
+    text = "".join(serve.out)
+    assert "Exit timeout expired" not in text and "stopped\n" in text
+    assert not alive(triton) and not [p for p in stubs if alive(p)]
+    assert not log_dir.exists(), "a clean stop left its /tmp/shelfsight-triton-* folder behind"
+
+
+def test_serve_gives_up_after_repeated_failures(tiny_checkpoint, tmp_path):
+    repo = make_repository(tiny_checkpoint, tmp_path / "repo")
+    server = Serve(repo, "--max-restarts", "2")
+    triton = server.triton_pid()
+    # from now on the model cannot load: every restart fails
+    (repo / "generate" / "1" / "model.py").write_text("raise RuntimeError('injected: this model cannot load')\n")
+    os.kill(triton, signal.SIGKILL)
+    rc = server.proc.wait(240)
+    text = "".join(server.out)
+    assert rc == 1, text[-3000:]
+    assert "giving up" in text
+    assert not alive(triton)
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if str(repo).encode() in cmdline(int(p.name))]
+    assert not leftovers, "a tritonserver or stub outlived `serve`"
+    shutil.rmtree(repo, ignore_errors=True)
