@@ -39,7 +39,9 @@ stage() {  # stage NAME SECONDS ARGS... (the limit shrinks to what the budget ha
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then say "stage $name: SKIPPED (budget of ${BUDGET}s spent)"; return; fi
   say "stage $name: start (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$PY" "$ROOT/bench/gpu_bench.py" "$@" 2>&1 | tail -n 40
+  # streamed as it comes (a cut-off call still shows its progress), minus progress bars
+  timeout --kill-after=10 "$limit" "$PY" "$ROOT/bench/gpu/stages.py" "$@" 2>&1 \
+    | grep --line-buffered -v -E "Loading weights|Writing model shards|it/s\]$"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then say "stage $name: ok"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "stage $name: TIMED OUT after ${limit}s (partial results kept)"

@@ -1,4 +1,5 @@
-"""Stages of bench/gpu.sh (each runs in its own process, under its own time bound):
+"""Stages of bench/gpu.sh, each run in its own process under its own time bound (kept out of
+bench/*.py: it is not one of `make bench`'s CPU benchmarks):
 
     checkpoint  random Qwen3-VL of --shape, written as bf16 and as round-to-nearest int4 (GPTQ format)
     engine      the engine in process (slot runner) on one checkpoint, next to transformers generate()
@@ -13,14 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent.parent  # bench/: engine.py and pipeline.py lend their measuring code
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
 T0 = time.perf_counter()
 
@@ -165,7 +168,8 @@ def stage_triton(args) -> None:
     out = args.out / f"triton-{args.scheme}.json"
     result = {"scheme": args.scheme, "new_tokens": args.new_tokens, "levels": {}}
     t = time.perf_counter()
-    with TritonServer(TritonSettings(repo=repo / "r", startup_timeout=args.startup_timeout)) as server:
+    server = TritonServer(TritonSettings(repo=repo / "r", startup_timeout=args.startup_timeout)).start()
+    try:
         result["start_s"] = time.perf_counter() - t
         say(f"tritonserver ({args.scheme}) ready in {result['start_s']:.1f}s")
         images = photos(max(levels) * args.rounds)
@@ -176,6 +180,8 @@ def stage_triton(args) -> None:
             say(f"triton {args.scheme} c={c}: TTFT {r['ttft_ms']:.1f} ms, {r['ms_per_token']:.2f} ms/token, "
                 f"{r['req_s']:.2f} req/s, {r['tok_s']:.0f} tok/s, {r['mean_completion_tokens']:.0f} tokens/answer")
             out.write_text(json.dumps(result, indent=1))
+    finally:  # killed, not drained: every answer is in, and a graceful stop costs half a minute
+        server.stop(graceful=False)
 
 
 TARGETS = "targets (2B, H100, via Triton): bf16 c=1 <= 5 ms/token (aim 2.5); int4 faster than bf16 (aim 2); " \
@@ -234,6 +240,9 @@ def main() -> None:
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # `timeout` ends a stage with SIGTERM: exit through the finally blocks, which stop a tritonserver
+    # (it runs in its own session, so it would outlive us and hold the GPU for the next stage)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     {"checkpoint": stage_checkpoint, "engine": stage_engine, "triton": stage_triton, "report": stage_report}[args.stage](args)
 
 
