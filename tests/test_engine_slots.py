@@ -230,3 +230,14 @@ def test_a_graph_warm_up_run_leaves_running_slots_untouched(setup):
             for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
                 assert torch.equal(x, y)
         assert runner.decoder.k[0][4].abs().sum() > 0  # the spare slot took the writes
+
+
+def test_fused_kernels_that_fail_at_start_fall_back_to_torch_ops(setup):
+    """Where the fused kernels pass their self-check but cannot run at the model's shapes, warm-up
+    switches the decoder back to the torch ops instead of failing every request later. (Here the
+    kernels fail for want of a GPU.)"""
+    model, *_ = setup
+    runner = SlotRunner(model, EngineConfig(max_batch=2, max_model_len=256))
+    runner.decoder.fused = True
+    runner.warm_up()
+    assert runner.decoder.fused is False

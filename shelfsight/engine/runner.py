@@ -14,6 +14,7 @@ and the tokens already on the device, so the host streams step t while the devic
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -25,6 +26,7 @@ from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
 from shelfsight.engine.prefill import Prefilled
 
 CACHE_POS, ROPE_POS, WRITE_SLOT, KV_LEN = range(4)
+log = logging.getLogger(__name__)
 
 
 class Launched:
@@ -84,6 +86,14 @@ class SlotRunner:
         """Capture the graphs most traffic needs before the first request (CUDA only)."""
         kv = [L for L in self.kv_buckets if L <= max(self.config.warm_kv_len, self.kv_buckets[0])]
         with torch.inference_mode():
+            if self.decoder.fused:  # the kernels at the model's own shapes, once, before any capture
+                try:
+                    with self._harmless(self.batch_buckets[-1]):
+                        self._step(self.batch_buckets[-1], kv[0], False)
+                    torch.cuda.synchronize()
+                except Exception:
+                    log.exception("fused decode kernels failed at the model's shapes; using torch ops")
+                    self.decoder.fused = False
             self.graphs.warm_up([(B, L, g) for B in self.batch_buckets for L in kv for g in (True, False)])
 
     # ---- prefill ----
