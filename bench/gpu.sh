@@ -5,6 +5,7 @@
 #
 #   source .gpu/host-env.sh && bash bench/gpu.sh            # on the GPU host
 #   bash bench/gpu.sh --device cpu                          # rehearsal here: tiny model, fp32, CPU
+#   GPU_BENCH_STAGES="checkpoint triton-bf16 report" bash bench/gpu.sh   # a subset of the stages
 #
 # Every stage has its own time bound; a stage that fails or runs out of time prints its error and the
 # script goes on. Progress lines carry the seconds since the start.
@@ -32,8 +33,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 BUDGET=${GPU_BENCH_BUDGET:-$([ "$DEVICE" = cuda ] && echo 395 || echo 1200)}  # whole script, seconds
+STAGES=${GPU_BENCH_STAGES:-}  # e.g. "checkpoint triton-bf16 report": a shorter call; empty: all
 stage() {  # stage NAME SECONDS ARGS... (the limit shrinks to what the budget has left, 15 s kept for the report)
   local name=$1 limit=$2; shift 2
+  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
   [ "$name" = report ] && left=$(( left + 15 ))
   [ "$left" -lt "$limit" ] && limit=$left

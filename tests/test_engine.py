@@ -185,3 +185,22 @@ def test_vision_cache_reuses_features_without_changing_answers(setup):
     assert second.done.wait(60)
     assert hits[-2:] == [False, True]
     assert second.text == first.text
+
+
+def test_responses_are_paced_but_the_text_is_whole(setup):
+    """Each response is an IPC round trip through Triton's stub: a stream gets its first token at once,
+    then at most one response per `stream_interval`, and the last; the text is the same."""
+    model, processor, pre, engine = setup
+    data, p = images()[0], GenerationParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    every = Engine(model, processor.tokenizer, EngineConfig(max_batch=2, stream_interval=0.0))
+    paced = Engine(model, processor.tokenizer, EngineConfig(max_batch=2, stream_interval=3600.0))
+    for e in (every, paced):
+        e.start()
+    try:
+        a, b = submit(every, pre, data, QUESTIONS[0], p), submit(paced, pre, data, QUESTIONS[0], p)
+        assert a.done.wait(120) and b.done.wait(120)
+    finally:
+        every.stop()
+        paced.stop()
+    assert (b.text, b.usage, b.finish) == (a.text, a.usage, a.finish) and a.usage[1] == 24
+    assert b.deltas == 2 and a.deltas > 10  # first token and the rest at the end, against one per token

@@ -54,6 +54,10 @@ class EngineConfig:
     runner: str = "slots"  # slots: fixed KV slots + compact decoder | reference: transformers DynamicCache
     cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
     warm_kv_len: int = 1024  # on CUDA, capture every batch bucket up to this KV length at start
+    # A stream gets at most one response per interval (the first token and the last at once): each
+    # response, and each cancellation check, is a round trip through Triton's stub IPC. Per token, at
+    # 32 streams, they made a step 13.8 ms through Triton against 3.7 ms in process (H100, 2B bf16).
+    stream_interval: float = 0.02
 
 
 class Observer:

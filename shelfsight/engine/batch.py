@@ -23,6 +23,8 @@ class Row:
     delta: int = 0  # M-RoPE position offset
     generated: int = 0  # tokens streamed so far (not counting a stop token)
     first_token_at: float | None = None
+    pending: str = ""  # text decoded but not yet sent (see OutputStage: responses are paced)
+    last_sent: float = 0.0
 
     @property
     def prompt_tokens(self) -> int:

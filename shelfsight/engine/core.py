@@ -50,7 +50,7 @@ class Engine:
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.max_waiting,
                                                        config.max_prefill_tokens)
         self.runner = make_runner(model, config)
-        self.output = OutputStage(self.observer)
+        self.output = OutputStage(self.observer, config.stream_interval)
         self.batch = Batch()  # engine thread only
         self._cv = threading.Condition()
         self._stop = False

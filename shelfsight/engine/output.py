@@ -13,37 +13,43 @@ CANCELLED = Cancelled("the client cancelled the request")
 
 
 class OutputStage:
-    def __init__(self, observer: SafeObserver):
-        self.observer = observer
+    def __init__(self, observer: SafeObserver, interval: float = 0.0):
+        self.observer, self.interval = observer, interval
 
     def emit(self, rows: list[Row], tokens: list[int]) -> list[Row]:
-        """Stream each row's new token; return the rows that are finished (their requests completed)."""
+        """Stream each row's new token; return the rows that are finished (their requests completed).
+        A row's text is sent at its first token, at its last, and otherwise at most once per
+        `interval` seconds (held back meanwhile); cancellation is looked at only when sending."""
         now = time.perf_counter()
         done = []
         for row, tok in zip(rows, tokens):
             req = row.req
-            if req.sink.is_cancelled():
-                req.sink.fail(CANCELLED)  # the last word: without it the request is never completed
-                done.append(row)
-                continue
-            if row.first_token_at is None:
+            first = row.first_token_at is None
+            if first:
                 row.first_token_at = now
                 self.observer.first_token(now - req.arrival)
             finish = None
             if tok in qwen.EOS_IDS and not req.params.ignore_eos:
                 finish = "stop"
-                delta = row.detok.flush()
+                row.pending += row.detok.flush()
             else:
                 row.generated += 1
-                delta = row.detok.push(tok)
+                row.pending += row.detok.push(tok)
                 if row.generated >= req.params.max_new_tokens:
                     finish = "length"
-                    delta += row.detok.flush()
+                    row.pending += row.detok.flush()
+            if not (finish or first or now - row.last_sent >= self.interval):
+                continue
+            if req.sink.is_cancelled():
+                req.sink.fail(CANCELLED)  # the last word: without it the request is never completed
+                done.append(row)
+                continue
             prompt = row.prompt_tokens
             if finish:  # metrics first: a client that saw its answer end may read them at once
                 self.observer.finished(prompt, row.generated, now - req.arrival, now - row.first_token_at)
-                req.sink.send(delta, prompt, row.generated, finish)
+                req.sink.send(row.pending, prompt, row.generated, finish)
                 done.append(row)
-            elif delta:
-                req.sink.send(delta, prompt, row.generated, None)
+            elif row.pending:
+                req.sink.send(row.pending, prompt, row.generated, None)
+                row.pending, row.last_sent = "", now
         return done
