@@ -39,7 +39,7 @@ def settings_from(args, triton_url: str):
     from shelfsight.gateway.settings import CacheSettings, GatewaySettings
 
     return GatewaySettings(
-        triton_url=triton_url, host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
+        triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
         max_in_flight=args.max_in_flight,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
@@ -50,7 +50,11 @@ def settings_from(args, triton_url: str):
 
 def register(sub) -> None:
     g = sub.add_parser("gateway", help="run the gRPC gateway in front of a running Triton")
-    g.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
+    to = g.add_mutually_exclusive_group()
+    to.add_argument("--triton", default="127.0.0.1:8001",
+                    help="Triton gRPC HOST:PORT, or several comma-separated (one per replica)")
+    to.add_argument("--triton-dns", metavar="NAME:PORT",
+                    help="re-resolve NAME every few seconds; each address is a replica (a headless Service)")
     add_gateway_flags(g)
     g.set_defaults(func=cmd_gateway)
 
