@@ -11,7 +11,7 @@ from shelfsight.export.cli import add_repository_flags
 
 
 def add_gateway_flags(p) -> None:
-    from shelfsight.gateway.settings import CacheSettings
+    from shelfsight.gateway.settings import CacheSettings, GatewaySettings
 
     cache = CacheSettings()
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -33,6 +33,8 @@ def add_gateway_flags(p) -> None:
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
+    p.add_argument("--shutdown-grace", type=float, default=GatewaySettings.shutdown_grace,
+                   help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
 
 def settings_from(args, triton_url: str):
@@ -40,7 +42,7 @@ def settings_from(args, triton_url: str):
 
     return GatewaySettings(
         triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
-        max_in_flight=args.max_in_flight,
+        max_in_flight=args.max_in_flight, shutdown_grace=args.shutdown_grace,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
