@@ -21,12 +21,16 @@ import pytest
 import yaml
 
 from shelfsight.cli import build_parser
+from shelfsight.params import Limits
 from shelfsight.tritonserver import TritonServer, TritonSettings
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu")
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the README promises (gRPC probes, preStop sleep)
+# The slowest decode step measured through the whole stack (Triton `pipeline_stream`, 32 streams on an
+# H100, README "Deployment"): the longest answer is the longest allowed one at this pace.
+SLOWEST_STEP_SECONDS = 0.075
 
 
 # ---- reading the files ----
@@ -144,6 +148,7 @@ def test_gateway_flags_ports_and_probes_match_the_code(docs):
     # graceful termination: preStop, then --shutdown-grace for in-flight answers, inside the pod's grace
     spec = pod(docs, "shelfsight-gateway")["spec"]
     assert spec["terminationGracePeriodSeconds"] > args.shutdown_grace + gw["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert args.shutdown_grace > Limits().max_new_tokens * SLOWEST_STEP_SECONDS, "shorter than the longest answer"
 
 
 def test_gateway_finds_triton_and_redis_by_their_service_names(docs):
