@@ -51,9 +51,9 @@ def both_ready(gw, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def concurrently(gw, n: int, seed: int, during=None, **kw) -> list:
-    """n streaming requests at once; each ends as ("OK" | status code, chunks of text seen first).
-    `during()` runs 1.5 s in, while they decode."""
+def start(gw, n: int, seed: int, **kw) -> tuple[list, list[threading.Thread]]:
+    """n streaming requests, each on its own thread; each result ends as ("OK" | status code, chunks of
+    text it had received)."""
     results: list = [None] * n
 
     def ask(i):
@@ -69,6 +69,12 @@ def concurrently(gw, n: int, seed: int, during=None, **kw) -> list:
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    return results, threads
+
+
+def concurrently(gw, n: int, seed: int, during=None, **kw) -> list:
+    """n streaming requests at once; `during()` runs 1.5 s in, while they decode."""
+    results, threads = start(gw, n, seed, **kw)
     if during is not None:
         time.sleep(1.5)
         during()
@@ -110,20 +116,25 @@ def test_killed_replica_loses_only_streamed_requests_and_comes_back(triton, seco
         out = {}
 
         def kill():
+            # 4 more requests just before the kill: those sent to the doomed replica have no text yet
+            out["late"], late_threads = start(gw, 4, seed=450, **LONG)
+            time.sleep(0.05)
             out["at"] = time.monotonic()
             second.server.stop(graceful=False)  # SIGKILL to its process group: the replica is gone
             while gw.upstream.replicas[killed].ready:
                 time.sleep(0.01)
             out["taken_out"] = time.monotonic() - out["at"]
+            for t in late_threads:
+                t.join(150)
 
-        results = concurrently(gw, 8, seed=400, during=kill, **LONG)
+        results = concurrently(gw, 8, seed=400, during=kill, **LONG) + out["late"]
         lost = [r for r in results if r[0] != "OK"]
-        print(f"killed one of two replicas under 8 long requests: {8 - len(lost)} answered, {len(lost)} "
-              f"failed after streaming text, taken out after {out['taken_out']:.2f}s, "
-              f"{metric(gw, 'shelfsight_replica_retries_total'):.0f} retried")
+        print(f"killed one of two replicas under {len(results)} long requests: {len(results) - len(lost)} "
+              f"answered, {len(lost)} failed (all after streaming text), taken out after {out['taken_out']:.2f}s, "
+              f"{metric(gw, 'shelfsight_replica_retries_total'):.0f} retried on the other replica")
         # a request fails only if it had already streamed text from the killed replica, and as UNAVAILABLE
         assert all(code == "UNAVAILABLE" and texts > 0 for code, texts in lost), results
-        assert len(lost) <= 4, results  # at most its share; the other replica's requests all finished
+        assert len(lost) <= 6, results  # at most its share; the other replica's requests all finished
         assert out["taken_out"] < 2.0
         assert metric(gw, "shelfsight_replica_up", replica=killed) == 0
         with ShelfsightClient(target(gw)) as c:
