@@ -20,13 +20,13 @@ from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
 from shelfsight.gateway.metrics import GatewayMetrics
-from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.replicas import Replicas
+from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
 from shelfsight.pipeline import Answer, Delta
 from shelfsight.protos import pb, pb_grpc
 
-log = logging.getLogger("shelfsight.gateway")
+logger = logging.getLogger("shelfsight.gateway")
 # Fields the service adds to the one log line the interceptor writes per call.
 CALL_LOG: contextvars.ContextVar[dict] = contextvars.ContextVar("call_log")
 REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
@@ -112,7 +112,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 except Unavailable as e:
                     if flight.deltas or len(tried) > 1 or not self.upstream.has_other(tried):
                         raise
-                    log.warning("request %s: %s; retrying on another replica", c.request_id, e.message)
+                    logger.warning("request %s: %s; retrying on another replica", c.request_id, e.message)
                     self.metrics.replica_retries.inc()
             flight.model_id = replica.info.model_id
             answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
