@@ -11,7 +11,7 @@ from shelfsight.export.cli import add_repository_flags
 
 
 def add_gateway_flags(p) -> None:
-    from shelfsight.gateway.settings import CacheSettings
+    from shelfsight.gateway.settings import CacheSettings, GatewaySettings
 
     cache = CacheSettings()
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -33,14 +33,16 @@ def add_gateway_flags(p) -> None:
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
+    p.add_argument("--shutdown-grace", type=float, default=GatewaySettings.shutdown_grace,
+                   help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
 
 def settings_from(args, triton_url: str):
     from shelfsight.gateway.settings import CacheSettings, GatewaySettings
 
     return GatewaySettings(
-        triton_url=triton_url, host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
-        max_in_flight=args.max_in_flight,
+        triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
+        max_in_flight=args.max_in_flight, shutdown_grace=args.shutdown_grace,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
@@ -50,7 +52,11 @@ def settings_from(args, triton_url: str):
 
 def register(sub) -> None:
     g = sub.add_parser("gateway", help="run the gRPC gateway in front of a running Triton")
-    g.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
+    to = g.add_mutually_exclusive_group()
+    to.add_argument("--triton", default="127.0.0.1:8001",
+                    help="Triton gRPC HOST:PORT, or several comma-separated (one per replica)")
+    to.add_argument("--triton-dns", metavar="NAME:PORT",
+                    help="re-resolve NAME every few seconds; each address is a replica (a headless Service)")
     add_gateway_flags(g)
     g.set_defaults(func=cmd_gateway)
 

@@ -22,9 +22,9 @@ class Flight:
         self.answer: Answer | None = None
         self.error: BaseException | None = None
         self.upstream_seconds = 0.0
+        self.model_id = ""  # of the replica that answered
         self.followers = 0
         self.task: asyncio.Task | None = None
-        self.abort_error: BaseException | None = None  # set by Flights.fail_all before cancelling
         self._changed = asyncio.Condition()
 
     @property
@@ -92,9 +92,8 @@ class Flights:
             try:
                 await run(flight)
             except asyncio.CancelledError:
-                await flight.finish(None, flight.abort_error or asyncio.CancelledError())
-                if flight.abort_error is None:
-                    raise
+                await flight.finish(None, asyncio.CancelledError())
+                raise
             except BaseException as e:  # noqa: BLE001 - handed to every follower
                 await flight.finish(None, e)
             finally:
@@ -102,17 +101,6 @@ class Flights:
 
         flight.task = asyncio.create_task(runner())
         return flight, False
-
-    def fail_all(self, error: BaseException) -> int:
-        """End every call in flight with `error` (its model process is gone: none would ever answer).
-        Returns how many calls were failed."""
-        failed = 0
-        for flight in list(self._flights.values()):
-            if not flight.done and flight.task and flight.abort_error is None:
-                flight.abort_error = error
-                flight.task.cancel()
-                failed += 1
-        return failed
 
     def leave(self, flight: Flight) -> None:
         """A follower is gone; the last one to leave an unfinished call cancels it."""

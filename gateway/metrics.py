@@ -5,6 +5,8 @@ one app prefix, base units, `_total` on counters, and never a label per image, r
 """
 from __future__ import annotations
 
+from contextlib import suppress
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                start_http_server)
 
@@ -43,10 +45,34 @@ class GatewayMetrics:
                               "source (model|cache).", ("kind", "source"), registry=r)
         self.image_bytes = Histogram("shelfsight_image_size_bytes", "Size of the images received.",
                                      buckets=SIZES, registry=r)
-        self.upstream_up = Gauge("shelfsight_upstream_up", "1 when Triton is ready, else 0.", registry=r)
+        self.upstream_up = Gauge("shelfsight_upstream_up", "1 when at least one Triton replica is ready, else 0.", registry=r)
+        # one series per Triton replica (label: its address; replicas are few and leave no series behind)
+        self.replica_up = Gauge("shelfsight_replica_up", "1 when this Triton replica is ready and serves the "
+                                "pool's model, else 0.", ("replica",), registry=r)
+        self.replica_mismatch = Gauge("shelfsight_replica_model_mismatch", "1 when this replica is ready but "
+                                      "serves another model id than the pool (it is not used).", ("replica",),
+                                      registry=r)
+        self.replica_calls = Gauge("shelfsight_replica_calls_in_flight", "Model calls in progress on this "
+                                   "replica.", ("replica",), registry=r)
+        self.replica_seconds = Histogram("shelfsight_replica_request_duration_seconds",
+                                         "One model call on one replica, by outcome (a status name; errors are "
+                                         "the outcomes other than OK).", ("replica", "outcome"),
+                                         buckets=LATENCY, registry=r)
+        self.replica_retries = Counter("shelfsight_replica_retries_total", "Model calls retried on another "
+                                       "replica after theirs was UNAVAILABLE before any text.", registry=r)
         for level in ("exact", "perceptual"):
             for result in ("hit", "miss"):
                 self.cache_lookups.labels(level, result)  # present from the start, at zero
+
+    def forget_replica(self, replica: str) -> None:
+        """Drop a retired replica's series."""
+        for gauge in (self.replica_up, self.replica_mismatch, self.replica_calls):
+            with suppress(KeyError):
+                gauge.remove(replica)
+        for family in self.replica_seconds.collect():
+            for outcome in {s.labels["outcome"] for s in family.samples if s.labels.get("replica") == replica}:
+                with suppress(KeyError):
+                    self.replica_seconds.remove(replica, outcome)
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP endpoint; returns the server (its port when `port` is 0)."""

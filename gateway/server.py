@@ -1,5 +1,5 @@
-"""The gateway process: gRPC server (ProductVision + health + reflection), metrics endpoint, Triton
-watcher, and graceful shutdown.
+"""The gateway process: gRPC server (ProductVision + health + reflection), metrics endpoint, the pool
+of Triton replicas it watches, and graceful shutdown.
 
 Cross-cutting work lives in one interceptor: per-RPC metrics (go-grpc-prometheus names), the mapping
 of typed errors to gRPC statuses, and one structured JSON log line per call with its request id.
@@ -22,7 +22,7 @@ from shelfsight.gateway.malformed import Malformed, lenient
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
-from shelfsight.gateway.upstream import Upstream
+from shelfsight.gateway.replicas import Replicas, parse_targets
 from shelfsight.protos import SERVICE, pb, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
@@ -125,8 +125,9 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.health: health.aio.HealthServicer | None = None  # made in start(), inside its event loop
-        self.upstream = Upstream(settings.triton_url, settings.health_interval, self._on_upstream,
-                                 on_broken=lambda error: self.service.flights.fail_all(error))
+        self.upstream = Replicas(parse_targets(settings.triton_url) if not settings.triton_dns else (),
+                                 settings.health_interval, self.metrics, self._on_upstream,
+                                 dns=settings.triton_dns, dns_interval=settings.dns_interval)
         self.cache = ResultCache(settings.cache)
         self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
         self.server: grpc.aio.Server | None = None
@@ -160,7 +161,7 @@ class Gateway:
         await self.server.start()
         await self.upstream.start()
         log.info("gateway listening on %s:%d (metrics :%d), triton %s", s.host, self.port, self.metrics_port,
-                 s.triton_url)
+                 s.triton_dns or s.triton_url)
         return self
 
     async def stop(self, grace: float | None = None) -> None:

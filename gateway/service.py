@@ -9,21 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
 
 from shelfsight import imaging, params
-from shelfsight.errors import InvalidArgument, ModelProcessLost, ShelfsightError, Unavailable
+from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
 from shelfsight.gateway.metrics import GatewayMetrics
+from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.pipeline import Answer
+from shelfsight.pipeline import Answer, Delta
 from shelfsight.protos import pb, pb_grpc
 
+logger = logging.getLogger("shelfsight.gateway")
 # Fields the service adds to the one log line the interceptor writes per call.
 CALL_LOG: contextvars.ContextVar[dict] = contextvars.ContextVar("call_log")
 REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
@@ -43,7 +46,7 @@ class Checked:
 
 
 class ProductVisionService(pb_grpc.ProductVisionServicer):
-    def __init__(self, settings: GatewaySettings, upstream: Upstream, cache: ResultCache, metrics: GatewayMetrics):
+    def __init__(self, settings: GatewaySettings, upstream: Replicas, cache: ResultCache, metrics: GatewayMetrics):
         self.settings, self.upstream, self.cache, self.metrics = settings, upstream, cache, metrics
         self.flights = Flights(settings.max_in_flight)
 
@@ -54,7 +57,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         if not REQUEST_ID.match(rid):
             raise InvalidArgument("request_id must be 1-128 characters of letters, digits and . _ : / + = @ -")
         log["request_id"] = rid
-        info = self.upstream.model()  # UNAVAILABLE while Triton is down
+        info = self.upstream.model()  # UNAVAILABLE while no Triton replica is ready
         self.metrics.image_bytes.observe(len(request.image))
         log["image_bytes"] = len(request.image)
         imaging.check_encoded(request.image, info.image_limits)
@@ -86,42 +89,60 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
     async def _call(self, flight: Flight, c: Checked, probe: Probe | None, timeout: float) -> None:
         """One model call. Always through `pipeline_stream`, also for unary replies (they join the
         deltas): one path into the engine, without the BLS hop of the unary ensemble, and any
-        request - streaming or not - can follow any flight."""
-        kw = dict(timeout=timeout, request_id=c.request_id, enhance=c.enhance or None,
-                  **{k: v for k, v in dataclasses.asdict(c.params).items() if k != "ignore_eos"})
+        request - streaming or not - can follow any flight.
+
+        It goes to the best ready replica; if that one fails UNAVAILABLE (its Triton died or lost a
+        model process) before any text was produced, the call is retried once on another replica.
+        Never after text: a follower may already have streamed it."""
+        deadline = time.monotonic() + timeout
         self.metrics.model_calls.inc()
         t0 = time.perf_counter()
         outcome = "OK"
+        tried = []
         try:
-            last = None
-            async for delta in self.upstream.client.stream(c.image, c.question, c.system or None, **kw):
-                if delta.text:
-                    await flight.push(delta.text)
-                last = delta
+            while True:
+                replica = self.upstream.pick(exclude=tried)
+                tried.append(replica)
+                kw = dict(timeout=max(0.001, deadline - time.monotonic()), request_id=c.request_id,
+                          enhance=c.enhance or None,
+                          **{k: v for k, v in dataclasses.asdict(c.params).items() if k != "ignore_eos"})
+                try:
+                    last = await self.upstream.call(replica, self._stream(replica, flight, c, kw))
+                    break
+                except Unavailable as e:
+                    if flight.deltas or len(tried) > 1 or not self.upstream.has_other(tried):
+                        raise
+                    logger.warning("request %s: %s; retrying on another replica", c.request_id, e.message)
+                    self.metrics.replica_retries.inc()
+            flight.model_id = replica.info.model_id
             answer = Answer("".join(flight.deltas), last.prompt_tokens, last.completion_tokens, last.finish_reason)
         except ShelfsightError as e:
             outcome = e.code
-            if isinstance(e, ModelProcessLost):
-                self.upstream.mark_broken(e.message)  # fails the other calls, which would hang
-            elif isinstance(e, Unavailable):
-                self.upstream.poke()  # learn now whether Triton is gone
             raise
         except asyncio.CancelledError:
-            outcome = getattr(flight.abort_error, "code", "CANCELLED")
+            outcome = "CANCELLED"
             raise
         finally:
             flight.upstream_seconds = time.perf_counter() - t0
             self.metrics.upstream.labels(outcome).observe(flight.upstream_seconds)
             self.metrics.model_calls.dec()
         if probe is not None and answer.finish_reason in ("stop", "length"):  # complete answers only
-            await self.cache.put(probe, c.image, CachedAnswer(answer.text, self.upstream.info.model_id,
-                                                              answer.prompt_tokens, answer.completion_tokens,
-                                                              answer.finish_reason, time.time()))
+            await self.cache.put(probe, c.image, self._outcome(answer, flight))
             entries_bytes = self.cache.stats()
             if entries_bytes:
                 self.metrics.cache_entries.set(entries_bytes[0])
                 self.metrics.cache_bytes.set(entries_bytes[1])
         await flight.finish(answer)
+
+    @staticmethod
+    async def _stream(replica: Upstream, flight: Flight, c: Checked, kw: dict) -> Delta:
+        """Stream one answer from `replica` into the flight; returns the last delta (the counts)."""
+        last = None
+        async for delta in replica.client.stream(c.image, c.question, c.system or None, **kw):
+            if delta.text:
+                await flight.push(delta.text)
+            last = delta
+        return last
 
     async def _resolve(self, c: Checked, context):
         """-> ("cached", CachedAnswer, status) or ("flight", Flight, status)."""
@@ -152,8 +173,9 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                     request_id=c.request_id,
                     timings=pb.Timings(total_seconds=time.perf_counter() - t0, upstream_seconds=upstream_s))
 
-    def _outcome(self, answer: Answer) -> CachedAnswer:
-        return CachedAnswer(answer.text, self.upstream.info.model_id, answer.prompt_tokens, answer.completion_tokens,
+    @staticmethod
+    def _outcome(answer: Answer, flight: Flight) -> CachedAnswer:
+        return CachedAnswer(answer.text, flight.model_id, answer.prompt_tokens, answer.completion_tokens,
                             answer.finish_reason, time.time())
 
     # ---- RPCs ----
@@ -167,7 +189,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 outcome, upstream_s = found, 0.0
             else:
                 try:
-                    outcome, upstream_s = self._outcome(await found.result()), found.upstream_seconds
+                    outcome, upstream_s = self._outcome(await found.result(), found), found.upstream_seconds
                 finally:
                     self.flights.leave(found)
             return pb.RecognizeReply(text=outcome.text, **self._summary(c, outcome, status, t0, upstream_s))
@@ -185,7 +207,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             async for delta in found.follow():
                 sent += len(delta)
                 yield delta
-            outcome = self._outcome(found.answer)
+            outcome = self._outcome(found.answer, found)
         finally:
             self.flights.leave(found)
         if outcome.text[sent:]:  # following a unary call: its answer comes whole, at the end

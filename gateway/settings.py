@@ -36,7 +36,9 @@ class CacheSettings:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = "127.0.0.1:8001"  # HOST:PORT, or several comma-separated: one per Triton replica
+    triton_dns: str | None = None  # NAME:PORT re-resolved for the replicas instead (a headless Service)
+    dns_interval: float = 5.0  # seconds between resolutions of triton_dns
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_host: str = "127.0.0.1"

@@ -1,13 +1,15 @@
-"""The gateway's side of Triton: one pipeline client, what the served model is (read from the
-`pipeline` config), and whether Triton can answer - watched in the background so health is current and
-the gateway recovers by itself when Triton comes back.
+"""The gateway's side of one Triton (one replica): one pipeline client, what the served model is (read
+from the `pipeline` config), and whether Triton can answer - watched in the background so health is
+current and the gateway recovers by itself when Triton comes back. Several of them form the pool that
+gateway/replicas.py balances over.
 
 Ready means: both ensembles report ready *and* no model process is known dead. Triton keeps reporting
 a model ready after its Python stub died (it only fails the model's requests with "Stub process is not
 healthy", and never answers those it had in flight), so a failure seen on a call, or reported by the
 process supervisor, marks the upstream broken: in-flight calls fail at once with UNAVAILABLE, health
 says NOT_SERVING, and it stays so until Triton restarted (its readiness dropped and came back) or a
-probe request through the whole pipeline succeeds again.
+probe request through the whole pipeline succeeds again. Calls run through `call()` so that marking
+the replica broken can end exactly its own calls (as UNAVAILABLE, which another replica may retry).
 
 The model id is re-read every time Triton becomes ready, so answers cached after a restart with
 another checkpoint carry the new id.
@@ -18,7 +20,7 @@ import asyncio
 import io
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.imaging import ImageLimits
@@ -26,6 +28,7 @@ from shelfsight.params import GenerationParams, Limits
 from shelfsight.pipeline import PipelineClient
 
 log = logging.getLogger("shelfsight.gateway")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,21 @@ def _probe_image() -> bytes:
 
 
 class Upstream:
-    def __init__(self, url: str, interval: float, on_change: Callable[[bool], None] = lambda ready: None,
-                 on_broken: Callable[[ShelfsightError], None] = lambda error: None):
+    def __init__(self, url: str, interval: float, on_change: Callable[[bool], None] = lambda ready: None):
         self.client: PipelineClient | None = None  # made in start(): an aio channel belongs to its loop
         self.url, self.interval = url, interval
-        self.on_change, self.on_broken = on_change, on_broken
+        self.on_change = on_change
         self.ready = False
         self.info: ModelInfo | None = None
         self.broken: str | None = None  # why the running Triton cannot answer, until it is restarted
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._calls: set[asyncio.Task] = set()  # model calls running on this replica
+        self._cut: dict[asyncio.Task, ShelfsightError] = {}  # those ended by mark_broken, and why
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
 
     async def start(self) -> None:
         self.client = PipelineClient(self.url)
@@ -110,8 +118,27 @@ class Upstream:
             log.error("triton at %s is broken: %s", self.url, reason)
         self.broken = reason
         self._set(False)
-        self.on_broken(Unavailable(f"the model server failed ({reason}); retry shortly"))
+        for task in self._calls:  # they would never be answered
+            if not task.done() and task not in self._cut:
+                self._cut[task] = Unavailable(f"the model server at {self.url} failed ({reason}); retry shortly")
+                task.cancel()
         self._wake.set()
+
+    async def call(self, work: Awaitable[T]) -> T:
+        """Run one model call on this replica (counted in `in_flight`). Raises UNAVAILABLE when
+        mark_broken ended it; the caller's own cancellation passes through as such."""
+        task = asyncio.ensure_future(work)
+        self._calls.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            cut = self._cut.get(task)
+            if cut is not None and not asyncio.current_task().cancelling():
+                raise cut from None
+            raise
+        finally:
+            self._calls.discard(task)
+            self._cut.pop(task, None)
 
     def poke(self) -> None:
         """Check now rather than at the next interval (e.g. the supervisor restarted Triton)."""
