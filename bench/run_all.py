@@ -22,12 +22,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # name -> time bound in seconds at its CPU defaults: about 5x what the project's 2-core machine took
-# (39, 43, 118 and 91 s), so a slow or busy machine finishes and a hung one does not stall the rest
+# (39, 43, 118, 91 and ~240 s), so a slow or busy machine finishes and a hung one does not stall the rest
 BENCHMARKS = {
     "preprocess": 240,
     "engine": 240,
     "pipeline": 600,
     "gateway": 480,
+    "perceptual_pairs": 1200,  # the full pair set: ~4 min here
 }
 STDERR_TAIL = 3000  # characters of a failed benchmark's stderr worth showing
 
