@@ -111,7 +111,7 @@ BAD = {
     "truncated jpeg": (CASES["jpeg-1024x768"][:4000], "could not be decoded"),
     "decompression bomb": (imagefiles.png_bomb(), "decompression bomb; the limit is 40000000 pixels"),
     "aspect ratio": (imagefiles.encode(Image.new("RGB", (2000, 5)), "PNG"), "aspect ratio"),
-    "garbage after a png signature": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "could not be decoded"),
+    "garbage after a png signature": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "PNG file but its header is not readable"),
 }
 
 
