@@ -260,19 +260,20 @@ def build(settings: UISettings) -> gr.Blocks:
                     report_a, report_b = gr.Markdown(elem_id="report-a"), gr.Markdown(elem_id="report-b")
 
         controls = [temperature, top_p, max_new, rep, seed, enhance, cache]
-        page.load(gateway_status, outputs=status, queue=False)
+        page.load(gateway_status, outputs=status, queue=False, show_progress="hidden")
         gr.Timer(settings.health_interval).tick(gateway_status, outputs=status, queue=False, show_progress="hidden")
-        photo.change(show_photo, [photo, enhance], [seen, photo_note], queue=False)
-        enhance.change(show_photo, [photo, enhance], [seen, photo_note], queue=False)
+        photo.change(show_photo, [photo, enhance], [seen, photo_note], queue=False, show_progress="hidden")
+        enhance.change(show_photo, [photo, enhance], [seen, photo_note], queue=False, show_progress="hidden")
         preset.select(lambda name: ask.PRESETS[name], preset, question, queue=False)
         go.click(run_ask, [photo, question, *controls, history],
-                 [answer_md, answer_text, json_tbl, meta, error, history, history_tbl])
+                 [answer_md, answer_text, json_tbl, meta, error, history, history_tbl], show_progress_on=[answer_md])
         history_tbl.select(reopen, history, [photo, question, answer_md, answer_text, meta, *controls, tabs])
         export_btn.click(export_history, history, [history_file, history_note])
         uploads.change(lambda: None, None, batch_folder, queue=False)  # new photos: a new batch
         batch_go.click(run_batch, [uploads, batch_q, *controls, batch_folder],
-                       [progress, batch_tbl, batch_note, csv_btn, jsonl_btn, batch_folder])
-        eval_go.click(run_eval, [data_dir, eval_tokens], [eval_status, eval_report, run_a, run_b])
+                       [progress, batch_tbl, batch_note, csv_btn, jsonl_btn, batch_folder], show_progress="hidden")
+        eval_go.click(run_eval, [data_dir, eval_tokens], [eval_status, eval_report, run_a, run_b],
+                      show_progress="hidden")
         cmp_go.click(run_compare, [run_a, run_b], [cmp_md, report_a, report_b])
     page.workdir = workdir
     return page

@@ -112,7 +112,7 @@ def meta_markdown(view: View) -> str:
         return f"writing... time to first token {ttft}, {view.seconds:.1f} s so far"
     ttft = f"{view.ttft * 1000:.0f} ms" if view.ttft is not None else "- (empty answer)"
     return "\n".join([
-        "| | |", "|---|---|",
+        "| detail | value |", "|---|---|",
         f"| cache | **{r.cache_status}** |",
         f"| tokens | {r.prompt_tokens} in, {r.completion_tokens} out ({r.finish_reason}) |",
         f"| time to first token | {ttft} |",
