@@ -133,6 +133,9 @@ def exif_photo(path: Path, seed: int) -> Path:
 def test_ask_streams_the_answer_that_the_cli_gives_then_hits_the_cache(page, tmp_path):
     img = exif_photo(tmp_path / "upright.jpg", seed=4711)
     assert "ready" in page.text("gateway-status")
+    # offline: everything the page loaded came from the UI's own server (no CDN, fonts or analytics)
+    loaded = page.d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(u.startswith(page.url.rstrip("/")) for u in loaded), loaded
     page.upload("photo", img)
     # shown as the model sees it: EXIF orientation applied, so portrait
     seen = wait_for(lambda: page.d.execute_script(
@@ -241,7 +244,7 @@ def test_the_page_says_when_the_gateway_is_down_and_recovers(browser, triton, tm
         page.click("ask-button")
         err = wait_for(lambda: "Error" in page.text("ask-error") and page.text("ask-error"),
                        message="the gateway-down error")
-        assert "not answering" in err and "Traceback" not in err
+        assert "not answering right now (it cannot be reached)" in err and "Traceback" not in err
         page.shot("gateway-down")
         with running_gateway(triton.grpc_url, port=port):
             wait_for(lambda: "ready" in page.text("gateway-status"), timeout=30, message="the status to recover")
@@ -251,3 +254,30 @@ def test_the_page_says_when_the_gateway_is_down_and_recovers(browser, triton, tm
             page.shot("gateway-back")
     finally:
         ui.close()
+
+
+def test_evaluate_scores_a_dataset_shows_the_report_and_compares_two_runs(page, tmp_path):
+    from shelfsight.evaluation.dataset import synthesize
+
+    data = tmp_path / "dataset"
+    n = synthesize(data, per_category=1, seed=5, scripts=("latin",))
+    page.tab("Evaluate")
+    page.fill("eval-dataset", str(tmp_path / "no-such-folder"))
+    page.click("eval-button")
+    err = wait_for(lambda: "Error" in page.text("eval-report") and page.text("eval-report"), message="the error")
+    assert "no-such-folder is not a folder" in err
+
+    page.fill("eval-dataset", str(data))
+    page.fill("eval-tokens", "4")
+    for run in (1, 2):
+        page.click("eval-button")
+        wait_for(lambda: f"done: {n} images" in page.text("eval-status") and page.value("run-b") and
+                 (run == 1 or page.value("run-a")), timeout=180, message=f"evaluation run {run}")
+    report = page.text("eval-report")
+    assert "By category" in report and "By variant" in report and "max_new_tokens 4" in report, report
+    page.click("compare-button")
+    compared = wait_for(lambda: " vs " in page.text("compare") and page.text("compare"), message="the comparison")
+    assert " vs " in compared and "B - A" in compared
+    # the second run repeats the first's seeded questions: the same answers, so no difference
+    assert "+0.0" in compared and "By category" in page.text("report-a") and "By category" in page.text("report-b")
+    page.shot("evaluate")

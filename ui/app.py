@@ -96,7 +96,7 @@ def build(settings: UISettings) -> gr.Blocks:
             for view in ask.stream_answer(target, data, question, controls, timeout=settings.timeout):
                 yield view.text, view.text, hidden, ask.meta_markdown(view), "", history, ask.history_rows(history)
         except Exception as e:  # noqa: BLE001
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), _note(words(e)), history, ask.history_rows(history)
+            yield "", "", hidden, "", _note(words(e)), history, ask.history_rows(history)
             return
         found = ask.json_table(view.text)
         tbl = gr.update(visible=True, value=found[1], headers=found[0]) if found else hidden
@@ -158,21 +158,23 @@ def build(settings: UISettings) -> gr.Blocks:
 
     # ---- Evaluate ----
     def run_eval(data_dir, max_new_tokens):
-        runs = gr.update(choices=evaluate.finished_runs(workdir))
+        def pick():  # the newest run as B, the one before as A: ready to compare
+            done = evaluate.finished_runs(workdir)
+            return (gr.update(choices=done, value=done[1] if len(done) > 1 else None),
+                    gr.update(choices=done, value=done[0] if done else None))
         try:
             job, out, total = evaluate.start(data_dir, target, workdir, int(max_new_tokens or 0), timeout=settings.timeout)
         except Exception as e:  # noqa: BLE001
-            yield "", _note(words(e)), runs, runs
+            yield "", _note(words(e)), *pick()
             return
         while job.alive():
             n = evaluate.asked(out)
-            yield f"<progress value='{n}' max='{total}'></progress> {n} of {total} asked", "", runs, runs
+            yield f"<progress value='{n}' max='{total}'></progress> {n} of {total} asked", "", gr.skip(), gr.skip()
             job.wait(POLL)
         if job.error:
-            yield "", _note(words(job.error)), runs, runs
+            yield "", _note(words(job.error)), *pick()
             return
-        runs = gr.update(choices=evaluate.finished_runs(workdir))
-        yield f"done: {out}", evaluate.report(out), runs, runs
+        yield f"done: {total} images scored into {out}", evaluate.report(out), *pick()
 
     def run_compare(a, b):
         try:
@@ -274,7 +276,7 @@ def build(settings: UISettings) -> gr.Blocks:
                        [progress, batch_tbl, batch_note, csv_btn, jsonl_btn, batch_folder], show_progress="hidden")
         eval_go.click(run_eval, [data_dir, eval_tokens], [eval_status, eval_report, run_a, run_b],
                       show_progress="hidden")
-        cmp_go.click(run_compare, [run_a, run_b], [cmp_md, report_a, report_b])
+        cmp_go.click(run_compare, [run_a, run_b], [cmp_md, report_a, report_b], show_progress="hidden")
     page.workdir = workdir
     return page
 
@@ -282,10 +284,14 @@ def build(settings: UISettings) -> gr.Blocks:
 def launch(settings: UISettings, block: bool = True) -> gr.Blocks:
     """Serve the page; block=False returns once it listens (page.local_url says where)."""
     page = build(settings)
-    page.queue(default_concurrency_limit=8).launch(
-        server_name=settings.host, server_port=settings.port or _free_port(), prevent_thread_lock=not block,
-        quiet=True, show_error=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
-        footer_links=["settings"], allowed_paths=[str(page.workdir)], css=CSS)
+    port = settings.port or _free_port()
+    try:
+        page.queue(default_concurrency_limit=8).launch(
+            server_name=settings.host, server_port=port, prevent_thread_lock=not block,
+            quiet=True, show_error=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
+            footer_links=["settings"], allowed_paths=[str(page.workdir)], css=CSS)
+    except OSError as e:  # Gradio: "Cannot find empty port..." when the port is taken
+        raise errors.FailedPrecondition(f"the web UI cannot listen on {settings.host}:{port} ({e})") from None
     return page
 
 

@@ -67,7 +67,8 @@ def explain(e: Exception, target: str, timeout: float | None = None) -> str:
     if isinstance(e, errors.NotFound):
         return f"Not found: {msg}."
     if isinstance(e, errors.Unavailable):
-        return (f"The gateway at {target} is not answering right now ({msg}). The page keeps working; "
+        why = "it cannot be reached" if "failed to connect" in msg.lower() else msg
+        return (f"The gateway at {target} is not answering right now ({why}). The page keeps working; "
                 "ask again when the status line says the gateway is back.")
     if isinstance(e, errors.ResourceExhausted):
         return f"The service is busy ({msg}); try again in a moment."

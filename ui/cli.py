@@ -1,6 +1,7 @@
 """`shelfsight ui`: serve the web workbench for a running gateway (and `serve --ui-port` beside it)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -27,7 +28,10 @@ def cmd_ui(args) -> int:
     page = launch(settings, block=False)
     print(f"web UI on {page.local_url} (gateway {settings.target}); Ctrl-C stops it", flush=True)
     try:
-        page.block_thread()
+        while page.is_running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
         page.close()
     return 0
