@@ -23,7 +23,12 @@ def start(data_dir: str, target: str, workdir: Path, max_new_tokens: int | None 
     if not folder.is_dir():
         raise NotFound(f"{folder} is not a folder")
     items = dataset.load(folder)  # names what is wrong with the manifest before anything is asked
-    out = runs_root(workdir) / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = runs_root(workdir) / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():  # two runs in one second: a fresh folder each, never a resumed one
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    out.mkdir(parents=True)
     job = Background(lambda: run.run(folder, target, out, concurrency=concurrency, progress=False,
                                      timeout=timeout, max_new_tokens=max_new_tokens or None))
     return job, out, len(items)
