@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -171,10 +172,24 @@ def test_ask_streams_the_answer_that_the_cli_gives_then_hits_the_cache(page, tmp
     assert page.value("answer-text") == answer
     page.shot("ask-cache-hit")
 
+    page.fill("question", "something else")
     page.tab("History")
     rows = wait_for(lambda: page.rows("history-table"), message="history rows")
     assert [r[-1] for r in rows] == ["exact", "miss"] and rows[0][1] == "upright.jpg", rows
     page.shot("history")
+    page.click("history-export")
+    link = wait_for(lambda: page.d.execute_script("const a = document.querySelector('#history-file a');"
+                                                  "return a && a.href"), message="the JSONL export")
+    with urllib.request.urlopen(link, timeout=10) as r:
+        exported = [json.loads(line) for line in r.read().decode().splitlines()]
+    assert [e["meta"]["cache_status"] for e in exported] == ["miss", "exact"]
+    assert exported[0]["answer"] == answer and exported[0]["controls"]["seed"] == 7
+
+    # reopening a row brings its question and answer back into Ask
+    page.find("#history-table [role=row][aria-rowindex='3'] [role=gridcell]").click()
+    wait_for(lambda: page.value("question") == "What brand is this product?", message="the reopened question")
+    assert page.value("answer-text") == answer and "miss" in page.text("meta")
+    assert page.find("button[role=tab][aria-selected=true]").text == "Ask"
 
 
 def test_a_file_that_is_not_a_photo_is_named_and_the_page_keeps_working(page, tmp_path):
