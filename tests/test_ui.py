@@ -5,6 +5,7 @@ Each test saves a screenshot of what the person would see under its temporary fo
 """
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import time
@@ -72,6 +73,18 @@ class Page:
         self.fill("seed", seed)
         self.fill("max-new-tokens", max_new_tokens)
         self.fill("temperature", temperature)
+
+    def paste_png(self, png: bytes) -> None:
+        """Put a PNG on the browser's clipboard and press the photo box's paste button."""
+        self.d.execute_cdp_cmd("Browser.grantPermissions", {
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"], "origin": self.url.rstrip("/")})
+        wrote = self.d.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            navigator.clipboard.write([new ClipboardItem({'image/png': new Blob([bytes], {type: 'image/png'})})])
+                .then(() => done('ok'), e => done(String(e)));""", base64.b64encode(png).decode())
+        assert wrote == "ok", wrote
+        self.find("#photo button[aria-label='Paste from clipboard']").click()
 
     def click(self, elem_id: str) -> None:
         self.find(f"#{elem_id}").click()
@@ -204,8 +217,10 @@ def test_a_file_that_is_not_a_photo_is_named_and_the_page_keeps_working(page, tm
     assert "That cannot be asked" in err and "not a supported format" in err
     page.shot("bad-file")
 
-    page.upload("photo", exif_photo(tmp_path / "good.jpg", seed=4712))
+    # then a photo pasted from the clipboard (a PNG, as a screenshot tool would put there)
+    page.paste_png(encode(photo(120, 90, seed=4712), "PNG"))
     wait_for(lambda: not page.text("photo-note"), message="the note to clear for a good photo")
+    assert page.d.execute_script("const i = document.querySelector('#seen img'); return i && i.naturalWidth") == 120
     page.controls(**ASK)
     page.click("ask-button")
     wait_for(lambda: "model" in page.text("meta") and not page.text("ask-error"), message="an answer after the error")
