@@ -219,8 +219,9 @@ def test_a_file_that_is_not_a_photo_is_named_and_the_page_keeps_working(page, tm
 
     # then a photo pasted from the clipboard (a PNG, as a screenshot tool would put there)
     page.paste_png(encode(photo(120, 90, seed=4712), "PNG"))
-    wait_for(lambda: not page.text("photo-note"), message="the note to clear for a good photo")
-    assert page.d.execute_script("const i = document.querySelector('#seen img'); return i && i.naturalWidth") == 120
+    wait_for(lambda: page.d.execute_script("const i = document.querySelector('#seen img'); return i && i.naturalWidth")
+             == 120, message="the pasted photo as the model sees it")
+    assert not page.text("photo-note")
     page.controls(**ASK)
     page.click("ask-button")
     wait_for(lambda: "model" in page.text("meta") and not page.text("ask-error"), message="an answer after the error")

@@ -183,7 +183,8 @@ def build(settings: UISettings) -> gr.Blocks:
             return _note(words(e)), "", ""
 
     defaults = ask.Controls()
-    with gr.Blocks(title="shelfsight workbench") as page:
+    # uploads Gradio keeps in its temp folder are dropped after a day (checked hourly)
+    with gr.Blocks(title="shelfsight workbench", delete_cache=(3600, 24 * 3600)) as page:
         gr.Markdown("## shelfsight · product-recognition workbench")
         status = gr.Markdown(elem_id="gateway-status")
         history = gr.State([])

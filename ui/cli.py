@@ -5,17 +5,13 @@ import time
 from pathlib import Path
 
 
-def add_ui_flags(p, port_default: int = 7860) -> None:
-    p.add_argument("--port", type=int, default=port_default, help="the page's port (0: any free port)")
-    p.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 opens it to the network)")
-    p.add_argument("--workdir", type=Path, help="where batch and evaluation results are kept (default: a temp folder)")
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline for one answer, seconds")
-
-
 def register(sub) -> None:
     u = sub.add_parser("ui", help="the web workbench (Gradio) over a running gateway: ask, history, batch, evaluate")
     u.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
-    add_ui_flags(u)
+    u.add_argument("--port", type=int, default=7860, help="the page's port (0: any free port)")
+    u.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 opens it to the network)")
+    u.add_argument("--workdir", type=Path, help="where batch and evaluation results are kept (default: a temp folder)")
+    u.add_argument("--timeout", type=float, default=300.0, help="deadline for one answer, seconds")
     u.set_defaults(func=cmd_ui)
 
 
