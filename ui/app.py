@@ -29,15 +29,14 @@ POLL = 0.3  # seconds between looks at a running batch or evaluation
 CSS = ".error-note p { color: var(--error-text-color); font-weight: 600; }"
 
 
-class Photo(gr.Image):
+def photo_box(**kw) -> gr.Image:
     """gr.Image that hands over the uploaded file untouched: the gateway gets the person's exact bytes
     (so answers match `shelfsight ask` on the same file) and a file that is not an image reaches our
-    own check, which says what is wrong, instead of failing inside Gradio."""
-
-    is_template = True  # rendered by the browser as a plain Image
-
-    def preprocess(self, payload):
-        return None if payload is None else payload.path
+    own check, which says what is wrong, instead of failing inside Gradio. An instance override, not a
+    subclass: Gradio writes a .pyi stub beside any module that subclasses one of its components."""
+    box = gr.Image(type="filepath", image_mode=None, **kw)
+    box.preprocess = lambda payload: None if payload is None else payload.path
+    return box
 
 
 def _note(text: str) -> str:
@@ -193,8 +192,8 @@ def build(settings: UISettings) -> gr.Blocks:
             with gr.Tab("Ask", id="ask"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        photo = Photo(label="Photo: drop, pick or paste (JPEG, PNG, WebP, BMP, GIF)", type="filepath",
-                                      image_mode=None, sources=["upload", "clipboard"], elem_id="photo", height=260)
+                        photo = photo_box(label="Photo: drop, pick or paste (JPEG, PNG, WebP, BMP, GIF)",
+                                          sources=["upload", "clipboard"], elem_id="photo", height=260)
                         seen = gr.Image(label="As the model sees it (EXIF orientation, RGB, enhancement)",
                                         interactive=False, elem_id="seen", height=260, format="png")
                         photo_note = gr.Markdown(elem_id="photo-note", elem_classes="error-note")
