@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shelfsight.ui import ask
 from tests.conftest import running_gateway, shelfsight
 from tests.imagefiles import encode, photo
 
@@ -217,7 +218,9 @@ def test_a_file_that_is_not_a_photo_is_named_and_the_page_keeps_working(page, tm
     assert "That cannot be asked" in err and "not a supported format" in err
     page.shot("bad-file")
 
-    # then a photo pasted from the clipboard (a PNG, as a screenshot tool would put there)
+    # then a preset question, and a photo pasted from the clipboard (a PNG, as a screenshot tool puts there)
+    next(b for b in page.d.find_elements("css selector", "#preset label") if b.text == "Read the label").click()
+    wait_for(lambda: page.value("question") == ask.PRESETS["Read the label"], message="the preset question")
     page.paste_png(encode(photo(120, 90, seed=4712), "PNG"))
     wait_for(lambda: page.d.execute_script("const i = document.querySelector('#seen img'); return i && i.naturalWidth")
              == 120, message="the pasted photo as the model sees it")
