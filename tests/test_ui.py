@@ -212,7 +212,7 @@ def test_a_file_that_is_not_a_photo_is_named_and_the_page_keeps_working(page, tm
     page.upload("photo", bad)
     note = wait_for(lambda: "Error" in page.text("photo-note") and page.text("photo-note"),
                     message="the photo's error note")
-    assert "not a supported format" in note and "Traceback" not in note
+    assert "this file cannot be used as a photo: image is not a supported format" in note and "Traceback" not in note
     page.click("ask-button")
     err = wait_for(lambda: "Error" in page.text("ask-error") and page.text("ask-error"), message="the ask error")
     assert "That cannot be asked" in err and "not a supported format" in err

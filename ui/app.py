@@ -80,6 +80,8 @@ def build(settings: UISettings) -> gr.Blocks:
             return None, ""
         try:
             return ask.as_model_sees(ask.read_photo(path), enhance), ""
+        except errors.InvalidArgument as e:
+            return None, _note(f"this file cannot be used as a photo: {e}.")
         except Exception as e:  # noqa: BLE001
             return None, _note(words(e))
 
