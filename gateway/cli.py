@@ -68,6 +68,7 @@ def register(sub) -> None:
     add_repository_flags(s)
     add_triton_flags(s, prefix="triton-")
     add_gateway_flags(s)
+    s.add_argument("--ui-port", type=int, help="also serve the web UI (`shelfsight ui`) on this port, on --host")
     s.set_defaults(func=cmd_serve)
 
 
@@ -137,8 +138,19 @@ async def _serve(args, triton_settings) -> int:
         raise
     supervisor.on_down = gateway.upstream.mark_broken
     supervisor.on_up = lambda server: gateway.upstream.poke()
+    ui = None
+    if args.ui_port is not None:
+        from shelfsight.ui.cli import start_beside
+
+        try:
+            ui = await asyncio.to_thread(start_beside, f"127.0.0.1:{gateway.port}", args.ui_port, args.host)
+        except BaseException:
+            await gateway.stop()
+            await asyncio.to_thread(triton.stop)
+            raise
     print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
-          f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}", flush=True)
+          f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
+          + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
     stop, triton_stop = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,6 +164,8 @@ async def _serve(args, triton_settings) -> int:
         rc = 1
     logging.getLogger("shelfsight.serve").info("shutting down: finishing in-flight requests")
     stopping.cancel()
+    if ui:
+        ui.close()
     await gateway.stop()
     triton_stop.set()
     try:

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shelfsight.export import cli as export_cli
     from shelfsight.gateway import cli as gateway_cli
     from shelfsight.loadtest import cli as loadtest_cli
+    from shelfsight.ui import cli as ui_cli
 
     parser = Parser(prog="shelfsight", description="Serve Qwen3-VL for e-commerce product recognition: "
                     "export and quantize checkpoints, run Triton and the caching gRPC gateway, ask questions.")
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     loadtest_cli.register(sub)
     evaluation_cli.register(sub)
+    ui_cli.register(sub)
     return parser
 
 

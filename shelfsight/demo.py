@@ -51,6 +51,7 @@ def main() -> int:
     from shelfsight.gateway.server import Gateway
     from shelfsight.gateway.settings import GatewaySettings
     from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.ui.cli import start_beside
 
     t_start = time.perf_counter()
     shutil.rmtree(WORK, ignore_errors=True)
@@ -91,6 +92,8 @@ def main() -> int:
             time.sleep(0.1)
         target = f"127.0.0.1:{gateway.port}"
         print(f"   gateway ready on {target} (metrics on :{gateway.metrics_port})")
+        print(f"   web UI on {start_beside(target).local_url} while the demo runs "
+              "(`shelfsight serve --ui-port 7860` keeps one up)")
 
         step(f"asking about {SAMPLE.name}: {QUESTION!r} (seeded, so the answer may be cached)")
         photo = SAMPLE.read_bytes()
