@@ -1,10 +1,14 @@
-"""What batching buys: `pipeline` requests/s at concurrency 8 against concurrency 1, through a real
-tritonserver with the tiny model on CPU (or any checkpoint with --model).
+"""The two Triton contracts under load: unary `pipeline` against streamed `pipeline_stream`, at
+concurrency 1, 8 and 32, through one real tritonserver with the tiny model on CPU (or --model).
 
-    python bench/pipeline.py [--model DIR] [--requests 48] [--new-tokens 32]
+    python bench/pipeline.py [--model DIR] [--requests 16] [--new-tokens 32] [--collect-instances N]
 
-Each request is a different 448x448 product photo and a question, greedy, --new-tokens long.
-Prints requests/s, tokens/s and latency percentiles per concurrency level and the c8/c1 ratio.
+Each request is a different 448x448 product photo and a question, greedy, --new-tokens long. Every
+(contract, concurrency) run gets pictures no other run has seen, so the engine's vision cache gives
+neither contract an edge; the two contracts alternate at each level. A run sends max(--requests,
+2 x concurrency) requests from `concurrency` closed-loop workers. A stream's latency is to its final
+response. Prints requests/s and latency percentiles per contract and level, and the unary/stream
+throughput ratio (1.00 = the unary contract keeps up with the streaming one).
 """
 from __future__ import annotations
 
@@ -21,15 +25,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shelfsight import synth  # noqa: E402
 from shelfsight.pipeline import PipelineClient  # noqa: E402
 
-
-def photos(n: int) -> list[bytes]:
-    import random
-
-    rng = random.Random(11)
-    return [synth.encode(synth.render(synth.make_product(rng), size=(448, 448), seed=i)) for i in range(n)]
+LEVELS = (1, 8, 32)
 
 
-async def level(url: str, images: list[bytes], concurrency: int, new_tokens: int) -> dict:
+class Photos:
+    """Distinct product photos, never the same one twice."""
+
+    def __init__(self):
+        import random
+
+        self.rng, self.seed = random.Random(11), 0
+
+    def take(self, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            out.append(synth.encode(synth.render(synth.make_product(self.rng), size=(448, 448), seed=self.seed)))
+            self.seed += 1
+        return out
+
+
+async def one(client: PipelineClient, contract: str, image: bytes, question: str, new_tokens: int) -> int:
+    params = dict(temperature=0.0, max_new_tokens=new_tokens)
+    if contract == "unary":
+        return (await client.infer(image, question, **params)).completion_tokens
+    last = None
+    async for last in client.stream(image, question, **params):
+        pass
+    return last.completion_tokens
+
+
+async def level(url: str, contract: str, images: list[bytes], concurrency: int, new_tokens: int) -> dict:
     client = PipelineClient(url)
     queue = list(enumerate(images))
     latencies, tokens = [], 0
@@ -39,14 +64,15 @@ async def level(url: str, images: list[bytes], concurrency: int, new_tokens: int
         while queue:
             i, image = queue.pop()
             t0 = time.perf_counter()
-            answer = await client.infer(image, synth.QUESTIONS[i % 5], temperature=0.0, max_new_tokens=new_tokens)
+            tokens += await one(client, contract, image, synth.QUESTIONS[i % 5], new_tokens)
             latencies.append(time.perf_counter() - t0)
-            tokens += answer.completion_tokens
 
     t0 = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    try:
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    finally:
+        await client.close()
     wall = time.perf_counter() - t0
-    await client.close()
     latencies.sort()
     return {"rps": len(images) / wall, "tps": tokens / wall, "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
@@ -55,8 +81,9 @@ async def level(url: str, images: list[bytes], concurrency: int, new_tokens: int
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--collect-instances", type=int, help="default: the repository's default")
     args = ap.parse_args()
     from shelfsight.export.repository import RepositoryJob, build
     from shelfsight.tritonserver import TritonServer, TritonSettings
@@ -69,18 +96,25 @@ def main() -> None:
         model = work / "tiny"
         model.mkdir()
         tiny.build(model)
-    build(RepositoryJob(model=model, out=work / "repo", preprocess_instances=1, collect_instances=4, max_batch=16))
-    images = photos(args.requests)
+    sizes = {} if args.collect_instances is None else {"collect_instances": args.collect_instances}
+    job = RepositoryJob(model=model, out=work / "repo", preprocess_instances=1, max_batch=16, **sizes)
+    build(job)
+    photos = Photos()
     with TritonServer(TritonSettings(repo=work / "repo")) as server:
-        asyncio.run(level(server.grpc_url, images[:4], 2, 4))  # warm-up
-        print(f"# pipeline on {model.name}, {args.requests} requests, {args.new_tokens} new tokens, 448x448")
-        print("| concurrency | req/s | tok/s | p50 s | p99 s |")
-        print("|---|---|---|---|---|")
-        results = {}
-        for c in (1, 8):
-            r = results[c] = asyncio.run(level(server.grpc_url, images, c, args.new_tokens))
-            print(f"| {c} | {r['rps']:.2f} | {r['tps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} |", flush=True)
-        print(f"\nconcurrency 8 / 1 throughput ratio: {results[8]['rps'] / results[1]['rps']:.2f}x")
+        for contract in ("unary", "stream"):  # warm-up
+            asyncio.run(level(server.grpc_url, contract, photos.take(4), 2, 4))
+        print(f"# pipeline vs pipeline_stream on {model.name}, {args.new_tokens} new tokens, 448x448, "
+              f"collect instances {job.collect_instances}, max batch {job.max_batch}")
+        print("| concurrency | requests | unary req/s | stream req/s | unary/stream | unary p50 / p99 s "
+              "| stream p50 / p99 s |")
+        print("|---|---|---|---|---|---|---|")
+        for c in LEVELS:
+            n = max(args.requests, 2 * c)
+            r = {k: asyncio.run(level(server.grpc_url, k, photos.take(n), c, args.new_tokens))
+                 for k in (("unary", "stream") if c % 2 else ("stream", "unary"))}
+            u, s = r["unary"], r["stream"]
+            print(f"| {c} | {n} | {u['rps']:.2f} | {s['rps']:.2f} | {u['rps'] / s['rps']:.2f}x "
+                  f"| {u['p50']:.2f} / {u['p99']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
