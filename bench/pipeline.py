@@ -1,14 +1,15 @@
 """The two Triton contracts under load: unary `pipeline` against streamed `pipeline_stream`, at
 concurrency 1, 8 and 32, through one real tritonserver with the tiny model on CPU (or --model).
 
-    python bench/pipeline.py [--model DIR] [--requests 16] [--new-tokens 32] [--collect-instances N]
+    python bench/pipeline.py [--model DIR] [--requests 16] [--new-tokens 32] [--rounds 3] [--collect-instances N]
 
 Each request is a different 448x448 product photo and a question, greedy, --new-tokens long. Every
-(contract, concurrency) run gets pictures no other run has seen, so the engine's vision cache gives
-neither contract an edge; the two contracts alternate at each level. A run sends max(--requests,
-2 x concurrency) requests from `concurrency` closed-loop workers. A stream's latency is to its final
-response. Prints requests/s and latency percentiles per contract and level, and the unary/stream
-throughput ratio (1.00 = the unary contract keeps up with the streaming one).
+run gets pictures no other run has seen, so the engine's vision cache gives neither contract an edge.
+A run sends max(--requests, 2 x concurrency) requests from `concurrency` closed-loop workers; a
+stream's latency is to its final response. Each level runs --rounds rounds of both contracts, which
+go first in turn, so load from elsewhere on the machine falls on both alike. Prints the median
+requests/s per contract, latency percentiles over all rounds, and the unary/stream throughput ratio
+(1.00: the unary contract keeps up with the streaming one).
 """
 from __future__ import annotations
 
@@ -73,8 +74,12 @@ async def level(url: str, contract: str, images: list[bytes], concurrency: int, 
     finally:
         await client.close()
     wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"rps": len(images) / wall, "tps": tokens / wall, "p50": statistics.median(latencies),
+    return {"rps": len(images) / wall, "tps": tokens / wall, "latencies": latencies}
+
+
+def summary(runs: list[dict]) -> dict:
+    latencies = sorted(x for r in runs for x in r["latencies"])
+    return {"rps": statistics.median(r["rps"] for r in runs), "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
@@ -83,6 +88,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--collect-instances", type=int, help="default: the repository's default")
     args = ap.parse_args()
     from shelfsight.export.repository import RepositoryJob, build
@@ -104,16 +110,19 @@ def main() -> None:
         for contract in ("unary", "stream"):  # warm-up
             asyncio.run(level(server.grpc_url, contract, photos.take(4), 2, 4))
         print(f"# pipeline vs pipeline_stream on {model.name}, {args.new_tokens} new tokens, 448x448, "
-              f"collect instances {job.collect_instances}, max batch {job.max_batch}")
+              f"collect instances {job.collect_instances}, max batch {job.max_batch}, {args.rounds} rounds")
         print("| concurrency | requests | unary req/s | stream req/s | unary/stream | unary p50 / p99 s "
               "| stream p50 / p99 s |")
         print("|---|---|---|---|---|---|---|")
         for c in LEVELS:
             n = max(args.requests, 2 * c)
-            r = {k: asyncio.run(level(server.grpc_url, k, photos.take(n), c, args.new_tokens))
-                 for k in (("unary", "stream") if c % 2 else ("stream", "unary"))}
-            u, s = r["unary"], r["stream"]
-            print(f"| {c} | {n} | {u['rps']:.2f} | {s['rps']:.2f} | {u['rps'] / s['rps']:.2f}x "
+            runs = {"unary": [], "stream": []}
+            for i in range(args.rounds):
+                for contract in (("unary", "stream") if i % 2 == 0 else ("stream", "unary")):
+                    runs[contract].append(asyncio.run(level(server.grpc_url, contract, photos.take(n), c,
+                                                            args.new_tokens)))
+            u, s = summary(runs["unary"]), summary(runs["stream"])
+            print(f"| {c} | {n} x {args.rounds} | {u['rps']:.2f} | {s['rps']:.2f} | {u['rps'] / s['rps']:.2f}x "
                   f"| {u['p50']:.2f} / {u['p99']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} |", flush=True)
 
 

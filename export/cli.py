@@ -37,7 +37,8 @@ def register(sub) -> None:
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
     r.add_argument("--preprocess-instances", type=int, default=2)
-    r.add_argument("--collect-instances", type=int, default=4)
+    r.add_argument("--collect-instances", type=int, default=1,
+                   help="instances of the unary `collect` step; one keeps any number of answers in flight")
     r.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
     r.add_argument("--max-pixels", type=int, default=1_048_576,
                    help="resize pictures to at most this many pixels (1,024 visual tokens by default)")

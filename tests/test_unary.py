@@ -80,6 +80,22 @@ def test_readme_example_with_a_stock_tritonclient(triton, tmp_path):
     assert bad.returncode != 0 and "not a supported format" in bad.stderr
 
 
+def test_readme_snippet_runs_as_written(triton, tmp_path):
+    """The python block of README's "Calling `pipeline` with a stock `tritonclient`", run with only the
+    file name and the URL replaced."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Calling `pipeline` with a stock `tritonclient`"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
+    assert "product.jpg" in code and "localhost:8001" in code
+    photo = tmp_path / "product.jpg"
+    photo.write_bytes(pictures(1, first_seed=900)[0])
+    script = tmp_path / "snippet.py"
+    script.write_text(code.replace("product.jpg", str(photo)).replace("localhost:8001", triton.grpc_url))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith(" length")  # 64 tokens: the random model never stops sooner
+
+
 async def _ask(url, image, **params):
     client = PipelineClient(url)
     try:

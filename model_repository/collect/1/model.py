@@ -39,22 +39,23 @@ def _value(response, name):
 
 
 def join(stream) -> "pb_utils.InferenceResponse":
-    """generate's streamed deltas -> one response with the whole text and the final counts."""
-    parts, prompt, completion, finish = [], 0, 0, b""
+    """generate's streamed deltas -> one response: the whole text, and the counts of the last delta."""
+    parts, last = [], None
     for response in stream:
         if response.has_error():
             return pb_utils.InferenceResponse(error=response.error())
-        if _value(response, "TEXT") is None:  # an empty final flag
+        text = _value(response, "TEXT")
+        if text is None:  # an empty final flag
             continue
-        parts.append(_value(response, "TEXT"))
-        prompt, completion = int(_value(response, "PROMPT_TOKENS")), int(_value(response, "COMPLETION_TOKENS"))
-        finish = _value(response, "FINISH_REASON") or finish
+        parts.append(text)
+        last = response
+    finish = None if last is None else _value(last, "FINISH_REASON")
     if not finish:
         return error_response(Internal("generate ended its stream without a final answer"))
     return pb_utils.InferenceResponse([
         tensor("TEXT", np.array([[b"".join(parts)]], dtype=object)),
-        tensor("PROMPT_TOKENS", np.array([[prompt]], dtype=np.int32)),
-        tensor("COMPLETION_TOKENS", np.array([[completion]], dtype=np.int32)),
+        tensor("PROMPT_TOKENS", np.array([[_value(last, "PROMPT_TOKENS")]], dtype=np.int32)),
+        tensor("COMPLETION_TOKENS", np.array([[_value(last, "COMPLETION_TOKENS")]], dtype=np.int32)),
         tensor("FINISH_REASON", np.array([[finish]], dtype=object)),
     ])
 
