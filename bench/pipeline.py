@@ -77,6 +77,24 @@ async def level(url: str, contract: str, images: list[bytes], concurrency: int, 
     return {"rps": len(images) / wall, "tps": tokens / wall, "latencies": latencies}
 
 
+async def soak(url: str, images: list[bytes], seconds: float, clients: int = 32) -> str:
+    client, done, t0 = PipelineClient(url), 0, time.perf_counter()
+
+    async def worker(i):
+        nonlocal done
+        while time.perf_counter() - t0 < seconds:
+            await client.infer(images[i % len(images)], "Read the label.", temperature=0.0, max_new_tokens=48)
+            done += 1
+
+    try:
+        await asyncio.gather(*[worker(i) for i in range(clients)])
+        return f"held: {done} unary requests from {clients} clients in {time.perf_counter() - t0:.0f} s"
+    except Exception as e:
+        return f"FAILED after {done} requests, {time.perf_counter() - t0:.0f} s: {e}"
+    finally:
+        await client.close()
+
+
 def summary(runs: list[dict]) -> dict:
     latencies = sorted(x for r in runs for x in r["latencies"])
     return {"rps": statistics.median(r["rps"] for r in runs), "p50": statistics.median(latencies),
@@ -90,6 +108,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--collect-instances", type=int, help="default: the repository's default")
+    ap.add_argument("--soak", type=float, metavar="SECONDS", help="only the stability run, this long")
     args = ap.parse_args()
     from shelfsight.export.repository import RepositoryJob, build
     from shelfsight.tritonserver import TritonServer, TritonSettings
@@ -107,6 +126,9 @@ def main() -> None:
     build(job)
     photos = Photos()
     with TritonServer(TritonSettings(repo=work / "repo")) as server:
+        if args.soak:
+            print(asyncio.run(soak(server.grpc_url, photos.take(8), args.soak)))
+            return
         for contract in ("unary", "stream"):  # warm-up
             asyncio.run(level(server.grpc_url, contract, photos.take(4), 2, 4))
         print(f"# pipeline vs pipeline_stream on {model.name}, {args.new_tokens} new tokens, 448x448, "
