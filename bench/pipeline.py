@@ -77,18 +77,18 @@ async def level(url: str, contract: str, images: list[bytes], concurrency: int, 
     return {"rps": len(images) / wall, "tps": tokens / wall, "latencies": latencies}
 
 
-async def soak(url: str, images: list[bytes], seconds: float, clients: int = 32) -> str:
+async def soak(url: str, images: list[bytes], seconds: float, contract: str = "unary", clients: int = 32) -> str:
     client, done, t0 = PipelineClient(url), 0, time.perf_counter()
 
     async def worker(i):
         nonlocal done
         while time.perf_counter() - t0 < seconds:
-            await client.infer(images[i % len(images)], "Read the label.", temperature=0.0, max_new_tokens=48)
+            await one(client, contract, images[i % len(images)], "Read the label.", 48)
             done += 1
 
     try:
         await asyncio.gather(*[worker(i) for i in range(clients)])
-        return f"held: {done} unary requests from {clients} clients in {time.perf_counter() - t0:.0f} s"
+        return f"held: {done} {contract} requests from {clients} clients in {time.perf_counter() - t0:.0f} s"
     except Exception as e:
         return f"FAILED after {done} requests, {time.perf_counter() - t0:.0f} s: {e}"
     finally:
@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--collect-instances", type=int, help="default: the repository's default")
     ap.add_argument("--soak", type=float, metavar="SECONDS", help="only the stability run, this long")
+    ap.add_argument("--triton-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    ap.add_argument("--soak-contract", choices=("unary", "stream"), default="unary")
     args = ap.parse_args()
     from shelfsight.export.repository import RepositoryJob, build
     from shelfsight.tritonserver import TritonServer, TritonSettings
@@ -125,9 +127,10 @@ def main() -> None:
     job = RepositoryJob(model=model, out=work / "repo", preprocess_instances=1, max_batch=16, **sizes)
     build(job)
     photos = Photos()
-    with TritonServer(TritonSettings(repo=work / "repo")) as server:
+    with TritonServer(TritonSettings(repo=work / "repo", extra_args=tuple(args.triton_arg))) as server:
         if args.soak:
-            print(asyncio.run(soak(server.grpc_url, photos.take(8), args.soak)))
+            print(asyncio.run(soak(server.grpc_url, photos.take(8), args.soak, args.soak_contract)),
+                  f"(tritonserver log: {server.log_path})")
             return
         for contract in ("unary", "stream"):  # warm-up
             asyncio.run(level(server.grpc_url, contract, photos.take(4), 2, 4))

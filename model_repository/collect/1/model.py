@@ -63,6 +63,24 @@ def join(stream) -> "pb_utils.InferenceResponse":
     ])
 
 
+def outlive_stub_cleanup(stream, sender) -> None:
+    """Return only once the stub has dropped its own reference to a finished BLS stream, so that the
+    caller's reference is the last one and the stream dies in a Python thread, holding the GIL.
+
+    Triton 2.51's stub keeps every BLS stream in a map and drops that entry on its stub-to-parent
+    thread, some time after the stream's last response was read. If the stub's reference is the last,
+    the stream's responses and their numpy arrays are freed on that thread without the GIL (2.51's
+    tensor destructor does not take it) while this model's threads run Python: the heap corrupts and
+    the stub dies ("unaligned fastbin chunk", segfaults in libpython; tritonserver then aborts). The
+    same thread serves is_cancelled() in order, after the cleanup the last read queued, and is_cancelled()
+    waits for its answer: when it returns, the stub's entry is gone.
+    """
+    try:
+        sender.is_cancelled()
+    except Exception as e:  # the request is gone (server stopping): the answer cannot be sent anyway
+        pb_utils.Logger.log_warn(f"collect: could not wait for the stub's stream cleanup: {e}")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         max_batch = max(1, json.loads(args["model_config"]).get("max_batch_size", 1))
@@ -71,11 +89,15 @@ class TritonPythonModel:
         self.lock = threading.Lock()
 
     def _answer(self, sender, inputs):
+        stream = None
         try:
             bls = pb_utils.InferenceRequest(model_name=TARGET, inputs=inputs, requested_output_names=OUTPUTS)
-            response = join(bls.exec(decoupled=True))  # exec returns at generate's first response
+            stream = bls.exec(decoupled=True)  # returns at generate's first response
+            response = join(stream)
         except Exception as e:
             response = error_response(e)
+        if stream is not None:
+            outlive_stub_cleanup(stream, sender)
         try:
             sender.send(response, flags=FINAL)
         except Exception as e:  # the request is already gone (server stopping): nobody to tell
