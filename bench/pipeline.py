@@ -10,6 +10,11 @@ stream's latency is to its final response. Each level runs --rounds rounds of bo
 go first in turn, so load from elsewhere on the machine falls on both alike. Prints the median
 requests/s per contract, latency percentiles over all rounds, and the unary/stream throughput ratio
 (1.00: the unary contract keeps up with the streaming one).
+
+    python bench/pipeline.py --soak 60 [--soak-contract stream] [--triton-arg=--log-verbose=1]
+
+only checks stability: 32 closed-loop clients for 60 s, then prints how many requests were answered,
+or after how many the server failed, and where the tritonserver log is.
 """
 from __future__ import annotations
 
