@@ -45,7 +45,8 @@ def add_repository_flags(p) -> None:
     # literal defaults (RepositoryJob's): importing it here would load torch for every command
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
     p.add_argument("--preprocess-instances", type=int, default=2)
-    p.add_argument("--collect-instances", type=int, default=4)
+    p.add_argument("--collect-instances", type=int, default=1,
+                   help="instances of the unary `collect` step; one keeps any number of answers in flight")
     p.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
     p.add_argument("--max-pixels", type=int, default=1_048_576,
                    help="resize pictures to at most this many pixels (1,024 visual tokens by default)")

@@ -28,7 +28,7 @@ class RepositoryJob:
     out: Path
     device: str = "cpu"  # cpu | gpu
     preprocess_instances: int = 2
-    collect_instances: int = 4
+    collect_instances: int = 1  # each instance keeps many answers in flight (collect/1/model.py)
     max_batch: int = 32
     min_pixels: int = manifest.PixelBounds.min_pixels
     max_pixels: int = manifest.PixelBounds.max_pixels
