@@ -16,6 +16,7 @@ COPY export export
 COPY gateway gateway
 COPY client client
 COPY loadtest loadtest
+COPY ui ui
 COPY model_repository model_repository
 RUN pip install --no-deps -e . && shelfsight gateway --help >/dev/null \
     && useradd --system --uid 10001 shelfsight

@@ -128,6 +128,10 @@ async def _serve(args, triton_settings) -> int:
     from shelfsight.gateway.server import Gateway
     from shelfsight.supervisor import RestartPolicy, Supervisor
 
+    stop, triton_stop = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up must not kill us half-way
+        loop.add_signal_handler(sig, stop.set)
     supervisor = Supervisor(triton_settings, RestartPolicy(max_failures=args.max_restarts))
     triton = await asyncio.to_thread(supervisor.start)
     settings = settings_from(args, triton.grpc_url)
@@ -151,10 +155,6 @@ async def _serve(args, triton_settings) -> int:
     print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
           f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
           + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
-    stop, triton_stop = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(supervisor.run(triton_stop))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -61,13 +61,13 @@ def cmd_triton(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     supervisor = Supervisor(triton_settings(args, args.repo, args.host), RestartPolicy(max_failures=args.max_restarts))
-    server = supervisor.start()
-    print(f"tritonserver ready: {server.addresses()}; shm prefix {server.shm_prefix};", flush=True)
 
     async def watch() -> None:
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # before anything starts: a signal never kills us half-way
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        server = await asyncio.to_thread(supervisor.start)
+        print(f"tritonserver ready: {server.addresses()}; shm prefix {server.shm_prefix};", flush=True)
         await supervisor.run(stop)
 
     asyncio.run(watch())  # giving up raises Unavailable: exit code 1
