@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import sys
 import tempfile
@@ -88,6 +89,9 @@ async def main_async(args, triton_url, gateway_factory):
 
 
 def main() -> None:
+    # bench/run_all.py ends a benchmark past its time bound with SIGTERM: exit through the `with`
+    # blocks, so the tritonserver this started (in a session of its own) is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--hits", type=int, default=400)

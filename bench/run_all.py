@@ -2,8 +2,9 @@
 
     python bench/run_all.py [--only preprocess,engine] [--timeout SECONDS]
 
-Each benchmark runs as its own process (its own process group, so a tritonserver it started goes
-with it) under a time bound; its tables are printed as they come, and what it wrote to stderr only
+Each benchmark runs as its own process (its own process group) under a time bound; past it, SIGTERM
+makes the benchmark leave its `with TritonServer` blocks, which stop the tritonserver it started (that
+one runs in a session of its own); its tables are printed as they come, and what it wrote to stderr only
 if it failed. The end is a table of how each one went; the exit code is 1 if any failed or ran out
 of time. Benchmarks are run one at a time because two of them start a tritonserver and all of them
 measure speed on a shared CPU.
@@ -57,7 +58,8 @@ def run_one(name: str, timeout: float) -> tuple[str, float]:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM to the benchmark's process group (tritonserver included), SIGKILL if it lingers."""
+    """SIGTERM to the benchmark's process group (the benchmark then stops its own tritonserver), SIGKILL
+    if it lingers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

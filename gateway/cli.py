@@ -134,6 +134,9 @@ async def _serve(args, triton_settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     supervisor = Supervisor(triton_settings, RestartPolicy(max_failures=args.max_restarts))
     triton = await asyncio.to_thread(supervisor.start)
+    if stop.is_set():  # stopped while Triton was starting: nothing else to start
+        await asyncio.to_thread(triton.stop)
+        return 0
     settings = settings_from(args, triton.grpc_url)
     try:
         gateway = await Gateway(settings).start()

@@ -70,6 +70,7 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="shelfsight-triton-"))
         self.log_path = settings.log_path or self._workdir / "tritonserver.log"
         self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
+        self._stopped = False
 
     @property
     def grpc_url(self) -> str:
@@ -162,7 +163,10 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not (Path(self.settings.repo) / "shelfsight.json").exists():
             raise FailedPrecondition(f"{self.settings.repo} is not a shelfsight repository (no shelfsight.json)")
-        self._log = open(self.log_path, "w")
+        # appended: under a supervisor the next server writes the same --triton-log, after the failed one's
+        self._log = open(self.log_path, "a")
+        self._log.write(f"==== tritonserver starting (shm prefix {self.shm_prefix}) ====\n")
+        self._log.flush()
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.environment(), start_new_session=True)
         try:
@@ -207,6 +211,9 @@ class TritonServer:
         any stub left behind, remove its shared memory, and its work folder unless it failed (then the
         log stays for reading, and the path is in the message that reported the failure).
         graceful=False kills at once: for a broken server, whose in-flight requests would never end."""
+        if self._stopped:  # once: the process group id of a reaped server may belong to another by now
+            return self.proc.returncode if self.proc else None
+        self._stopped = True
         rc = None
         if self.proc and self.proc.poll() is None and not graceful:
             os.killpg(self.proc.pid, signal.SIGKILL)

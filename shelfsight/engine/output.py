@@ -40,7 +40,7 @@ class OutputStage:
                     row.pending += row.detok.flush()
             if not (finish or first or now - row.last_sent >= self.interval):
                 continue
-            if req.sink.is_cancelled():
+            if not finish and req.sink.is_cancelled():  # a finished answer is delivered whole
                 req.sink.fail(CANCELLED)  # the last word: without it the request is never completed
                 done.append(row)
                 continue
