@@ -72,9 +72,6 @@ class Flights:
         self._flights: dict[str, Flight] = {}
         self._unique = itertools.count()
 
-    def __len__(self) -> int:
-        return len(self._flights)
-
     def join(self, key: str | None, run: Callable[[Flight], Awaitable[None]]) -> tuple[Flight, bool]:
         """Follow the call answering `key`, starting it with `run` if none is in flight.
         key None: never share. Returns (flight, coalesced)."""

@@ -19,8 +19,6 @@ from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 from shelfsight.errors import InvalidArgument
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-# Pillow's decoders allowed to open request bytes (its JPEG opener also yields phone-camera MPO files).
-PIL_FORMATS = FORMATS
 OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 Image.init()  # register every plugin now: `formats=` only finds decoders that are already loaded
 
@@ -88,7 +86,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), enhance: bool = Fal
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)  # its JPEG opener also yields camera MPO files
             _check_size(*im.size, limits)
             im.load()  # first frame only for GIF/WebP animations
         except InvalidArgument:

@@ -7,7 +7,7 @@ temperature 0 means greedy decoding.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from shelfsight import qwen
 from shelfsight.errors import InvalidArgument
@@ -42,9 +42,6 @@ class GenerationParams:
     def deterministic(self) -> bool:
         """Same inputs give the same answer: greedy, or sampled with a fixed seed."""
         return self.greedy or self.seed is not None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # field -> (cast, is the value allowed, what the message says the range is)

@@ -204,3 +204,29 @@ def test_responses_are_paced_but_the_text_is_whole(setup):
         paced.stop()
     assert (b.text, b.usage, b.finish) == (a.text, a.usage, a.finish) and a.usage[1] == 24
     assert b.deltas == 2 and a.deltas > 10  # first token and the rest at the end, against one per token
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 64 << 20])
+def test_one_vision_pass_for_a_picture_asked_twice_in_one_group(setup, monkeypatch, cache_bytes):
+    """Two questions about the same photo prefilled together run the vision tower once; with the
+    vision cache off no lookups are counted (there was nothing to look up)."""
+    from shelfsight.engine.prefill import VisionCache, vision
+
+    model, _, pre, _ = setup
+    calls, seen = [], []
+    real = model.model.get_image_features
+    monkeypatch.setattr(model.model, "get_image_features",
+                        lambda pv, grid, **kw: calls.append(grid.shape[0]) or real(pv, grid, **kw))
+    observer = type("Rec", (), {"vision_cache": lambda self, hit: seen.append(hit)})()
+    data, other = images()[3], images()[4]
+    reqs = []
+    for picture, question in ((data, QUESTIONS[0]), (other, QUESTIONS[1]), (data, QUESTIONS[2])):
+        x = pre(picture, question)
+        reqs.append(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
+                            torch.from_numpy(x.image_grid_thw), x.image_key, GenerationParams(), Collect()))
+    assert reqs[0].image_key == reqs[2].image_key != reqs[1].image_key
+    with torch.inference_mode():
+        feats = vision(model, reqs, VisionCache(cache_bytes), observer)
+    assert calls == [2]  # one pass, two pictures
+    assert feats[2][0] is feats[0][0] and not torch.equal(feats[1][0][:1], feats[0][0][:1])
+    assert seen == ([False, False, False] if cache_bytes else [])

@@ -51,9 +51,16 @@ def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list:
     """Per-request (embeds [n, H], deepstack list of [n, H]) from the cache or one vision pass."""
     device = model.device
     found = [cache.get(r.image_key) if cache.max_bytes else None for r in reqs]
-    todo = [i for i, f in enumerate(found) if f is None]
-    for f in found:
-        observer.vision_cache(f is not None)
+    if cache.max_bytes:  # with the cache off there is nothing to count
+        for f in found:
+            observer.vision_cache(f is not None)
+    # rows whose picture an earlier row of this group already brings (another question about the same
+    # photo, the common case) share its features instead of running the vision tower again
+    first = {}
+    for i, f in enumerate(found):
+        if f is None:
+            first.setdefault(reqs[i].image_key or f"row {i}", i)
+    todo = sorted(first.values())
     if todo:
         pv = torch.cat([reqs[i].pixel_values for i in todo]).to(device)
         grid = torch.stack([reqs[i].grid_thw for i in todo]).to(device)
@@ -64,6 +71,9 @@ def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list:
             found[i] = (embeds, deep)
             if cache.max_bytes:
                 cache.put(reqs[i].image_key, embeds, deep)
+        for i, f in enumerate(found):
+            if f is None:
+                found[i] = found[first[reqs[i].image_key]]
     return found
 
 
