@@ -120,7 +120,7 @@ def cmd_serve(args) -> int:
     return rc
 
 
-async def _serve(args, triton_settings) -> int:
+async def _serve(args, triton_config) -> int:
     """Triton under a supervisor, the gateway in front; SIGTERM stops the gateway first (in-flight
     requests finish), then Triton. Giving up on Triton stops everything with exit code 1."""
     import signal
@@ -132,7 +132,7 @@ async def _serve(args, triton_settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up must not kill us half-way
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(triton_settings, RestartPolicy(max_failures=args.max_restarts))
+    supervisor = Supervisor(triton_config, RestartPolicy(max_failures=args.max_restarts))
     triton = await asyncio.to_thread(supervisor.start)
     if stop.is_set():  # stopped while Triton was starting: nothing else to start
         await asyncio.to_thread(triton.stop)
@@ -175,10 +175,10 @@ async def _serve(args, triton_settings) -> int:
         await watch
     except Exception:  # noqa: BLE001 - already reported above
         pass
-    return rc or _triton_exit(supervisor)
+    return rc or triton_exit(supervisor)
 
 
-def _triton_exit(supervisor) -> int:
+def triton_exit(supervisor) -> int:
     """0 when the last tritonserver stopped cleanly, else 1 (and why, from its log)."""
     if supervisor.exit_code in (0, None):
         return 0

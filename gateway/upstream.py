@@ -17,6 +17,7 @@ another checkpoint carry the new id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class ModelInfo:
                    image_limits=ImageLimits(**d["image_limits"]))
 
 
+@functools.cache
 def _probe_image() -> bytes:
     """A 64x64 grey PNG: the smallest real picture the pipeline accepts."""
     from PIL import Image

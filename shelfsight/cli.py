@@ -56,7 +56,7 @@ def cmd_triton(args) -> int:
     import logging
     import signal
 
-    from shelfsight.gateway.cli import _triton_exit, triton_settings
+    from shelfsight.gateway.cli import triton_exit, triton_settings
     from shelfsight.supervisor import RestartPolicy, Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -71,7 +71,7 @@ def cmd_triton(args) -> int:
         await supervisor.run(stop)
 
     asyncio.run(watch())  # giving up raises Unavailable: exit code 1
-    rc = _triton_exit(supervisor)
+    rc = triton_exit(supervisor)
     print(f"tritonserver stopped (exit code {supervisor.exit_code})", flush=True)
     return rc
 
