@@ -7,7 +7,9 @@ temperature 0 means greedy decoding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable
 
 from shelfsight import qwen
 from shelfsight.errors import InvalidArgument
@@ -43,32 +45,66 @@ class GenerationParams:
         """Same inputs give the same answer: greedy, or sampled with a fixed seed."""
         return self.greedy or self.seed is not None
 
+    def to_json(self) -> bytes:
+        """The resolved parameters as they travel from `preprocess` to `generate` (one tensor)."""
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
 
-# field -> (cast, is the value allowed, what the message says the range is)
-_RULES = {
-    "max_new_tokens": (int, lambda v, lim: 1 <= v <= lim.max_new_tokens,
-                       lambda lim: f"must be between 1 and {lim.max_new_tokens}"),
-    "temperature": (float, lambda v, lim: 0.0 <= v <= 2.0, lambda lim: "must be between 0 and 2 (0 = greedy)"),
-    "top_p": (float, lambda v, lim: 0.0 < v <= 1.0, lambda lim: "must be in (0, 1]"),
-    "top_k": (int, lambda v, lim: 0 <= v <= qwen.VOCAB_SIZE, lambda lim: f"must be between 0 (off) and {qwen.VOCAB_SIZE}"),
-    "repetition_penalty": (float, lambda v, lim: 0.0 < v <= 2.0, lambda lim: "must be in (0, 2]"),
-    "seed": (int, lambda v, lim: 0 <= v <= MAX_SEED, lambda lim: "must be between 0 and 2^63-1"),
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "GenerationParams":
+        try:
+            doc = json.loads(raw)
+            unknown = set(doc) - {f.name for f in fields(cls)}
+        except (ValueError, TypeError):
+            raise InvalidArgument("generation parameters are not a JSON object") from None
+        if unknown:
+            raise InvalidArgument(f"unknown generation parameters {sorted(unknown)}")
+        return cls(**doc)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One generation parameter a request may set: its Python type, its type in the public Triton
+    contract (input named FIELD.upper()), the range it allows, and a line of help for flags."""
+    cast: type
+    triton_type: str
+    allowed: Callable[[Any, Limits], bool]
+    range: Callable[[Limits], str]
+    help: str
+
+
+# The one list of request-settable parameters: the gateway, the clients, the CLI, the Triton contract
+# and the repository's ensemble configs all derive theirs from it. Comparisons are written so that
+# NaN fails them.
+RULES: dict[str, Rule] = {
+    "max_new_tokens": Rule(int, "INT32", lambda v, lim: 1 <= v <= lim.max_new_tokens,
+                           lambda lim: f"must be between 1 and {lim.max_new_tokens}", "tokens to generate at most"),
+    "temperature": Rule(float, "FP32", lambda v, lim: 0.0 <= v <= 2.0,
+                        lambda lim: "must be between 0 and 2 (0 = greedy)", "sampling temperature; 0 = greedy"),
+    "top_p": Rule(float, "FP32", lambda v, lim: 0.0 < v <= 1.0, lambda lim: "must be in (0, 1]",
+                  "nucleus sampling: keep the most likely tokens up to this probability mass"),
+    "top_k": Rule(int, "INT32", lambda v, lim: 0 <= v <= qwen.VOCAB_SIZE,
+                  lambda lim: f"must be between 0 (off) and {qwen.VOCAB_SIZE}", "keep the k most likely tokens; 0 = off"),
+    "repetition_penalty": Rule(float, "FP32", lambda v, lim: 0.0 < v <= 2.0, lambda lim: "must be in (0, 2]",
+                               "divide the scores of tokens already seen; 1 = off"),
+    "seed": Rule(int, "INT64", lambda v, lim: 0 <= v <= MAX_SEED, lambda lim: "must be between 0 and 2^63-1",
+                 "fixes a sampled answer: the same seed gives the same answer"),
 }
+FIELDS = tuple(RULES)
 
 
 def resolve(defaults: GenerationParams, limits: Limits, **given) -> GenerationParams:
     """Fill absent (None) values from `defaults` and check every given one; an error names the field
-    and its range. Comparisons are written so that NaN fails them."""
+    and its range."""
     changes = {}
     for name, value in given.items():
         if value is None:
             continue
-        if name not in _RULES:
+        rule = RULES.get(name)
+        if rule is None:
             raise InvalidArgument(f"unknown generation parameter {name!r}")
-        cast, allowed, limit = _RULES[name]
-        v = cast(value)
-        if not allowed(v, limits):
-            raise InvalidArgument(f"{name} {limit(limits)}, got {v}")
+        v = rule.cast(value)
+        if not rule.allowed(v, limits):
+            raise InvalidArgument(f"{name} {rule.range(limits)}, got {v}")
         changes[name] = v
     return replace(defaults, **changes)
 
