@@ -6,33 +6,29 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+from shelfsight import params, ports
+
 
 
 def add_generation_flags(p) -> None:
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float, help="0 = greedy")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+    for field, rule in params.RULES.items():  # unset: the server's defaults
+        p.add_argument(f"--{field.replace('_', '-')}", type=rule.cast, help=rule.help)
     p.add_argument("--cache", choices=("use", "skip", "refresh"), default="use")
     p.add_argument("--enhance", action="store_true", help="contrast x1.2, brightness x1.1 first")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
 
 
 def request_options(args) -> dict:
-    return dict(system=args.system, cache=args.cache, enhance=args.enhance, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return dict(system=args.system, cache=args.cache, enhance=args.enhance,
+                **{field: getattr(args, field) for field in params.FIELDS})
 
 
 def register(sub) -> None:
     ask = sub.add_parser("ask", help="ask the gateway a question about one image")
     ask.add_argument("image", type=Path)
     ask.add_argument("question")
-    ask.add_argument("--target", default=DEFAULT_TARGET, help="gateway HOST:PORT")
+    ask.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is written")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     add_generation_flags(ask)
@@ -43,7 +39,7 @@ def register(sub) -> None:
     batch.add_argument("--out", required=True, type=Path, help="results .jsonl (appended; rerun to resume)")
     batch.add_argument("--question", default=None)
     batch.add_argument("--concurrency", type=int, default=4)
-    batch.add_argument("--target", default=DEFAULT_TARGET)
+    batch.add_argument("--target", default=ports.GATEWAY_ADDRESS)
     batch.add_argument("--no-progress", action="store_true")
     add_generation_flags(batch)
     batch.set_defaults(func=cmd_batch)

@@ -16,13 +16,13 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from shelfsight import errors
+from shelfsight import errors, ports
+from shelfsight.params import FIELDS as PARAMETERS
 from shelfsight.protos import pb, pb_grpc
 
 CACHE_POLICIES = {"use": pb.CACHE_POLICY_USE, "skip": pb.CACHE_POLICY_SKIP, "refresh": pb.CACHE_POLICY_REFRESH}
 CACHE_STATUS = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_EXACT: "exact",
                 pb.CACHE_STATUS_PERCEPTUAL: "perceptual", pb.CACHE_STATUS_COALESCED: "coalesced"}
-PARAMETERS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class _Joiner:
 
 
 class ShelfsightClient:
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+    def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
         self.target, self.timeout = target, timeout
         self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.ProductVisionStub(self._channel)
@@ -134,7 +134,7 @@ class ShelfsightClient:
 
 
 class AsyncShelfsightClient:
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+    def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
         self.target, self.timeout = target, timeout
         self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         self._stub = pb_grpc.ProductVisionStub(self._channel)

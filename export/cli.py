@@ -26,8 +26,8 @@ def register(sub) -> None:
     q.add_argument("--calibration", type=Path,
                    help="folder of product photos (+ optional questions.jsonl / questions.txt); "
                         "default: built-in synthetic product renders")
-    q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
-    q.add_argument("--heldout", type=int, default=8, help="synthetic held-out samples for fidelity")
+    q.add_argument("--samples", type=int, help="calibration samples (default: QuantizeJob's)")
+    q.add_argument("--heldout", type=int, help="synthetic held-out samples for fidelity")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
@@ -42,16 +42,20 @@ def register(sub) -> None:
 
 def add_repository_flags(p) -> None:
     """How the repository is laid out: `export repository` and `serve --model` take the same flags."""
-    # literal defaults (RepositoryJob's): importing it here would load torch for every command
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where `generate` runs")
-    p.add_argument("--preprocess-instances", type=int, default=2)
-    p.add_argument("--collect-instances", type=int, default=1,
+    from shelfsight.engine import PRESETS
+    from shelfsight.export.repository import RepositoryJob  # no torch: cheap for every command
+
+    job = RepositoryJob
+    p.add_argument("--device", choices=tuple(PRESETS), default=job.device,
+                   help="where `generate` runs (shelfsight/engine/config.py PRESETS)")
+    p.add_argument("--preprocess-instances", type=int, default=job.preprocess_instances)
+    p.add_argument("--collect-instances", type=int, default=job.collect_instances,
                    help="instances of the unary `collect` step; one keeps any number of answers in flight")
-    p.add_argument("--max-batch", type=int, default=32, help="rows the engine decodes together")
-    p.add_argument("--max-pixels", type=int, default=1_048_576,
+    p.add_argument("--max-batch", type=int, default=job.max_batch, help="rows the engine decodes together")
+    p.add_argument("--max-pixels", type=int, default=job.max_pixels,
                    help="resize pictures to at most this many pixels (1,024 visual tokens by default)")
-    p.add_argument("--min-pixels", type=int, default=65_536)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length")
+    p.add_argument("--min-pixels", type=int, default=job.min_pixels)
+    p.add_argument("--max-new-tokens", type=int, default=job.max_new_tokens, help="default answer length")
 
 
 def repository_job(args, model: Path, out: Path, force: bool = False):
@@ -79,9 +83,9 @@ def cmd_quantize(args) -> int:
     from shelfsight.export.quantize import QuantizeJob, run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    manifest = run(QuantizeJob(model=args.model, scheme=args.scheme, out=args.out,
-                               calibration=args.calibration, samples=args.samples, heldout=args.heldout,
-                               force=args.force, device=args.device),
+    sizes = {k: getattr(args, k) for k in ("samples", "heldout") if getattr(args, k) is not None}
+    manifest = run(QuantizeJob(model=args.model, scheme=args.scheme, out=args.out, calibration=args.calibration,
+                               force=args.force, device=args.device, **sizes),
                    log=lambda msg: print(msg, file=sys.stderr))
     summary = {k: manifest[k] for k in ("scheme", "method", "time_s", "fidelity")}
     if "fidelity_rtn" in manifest:

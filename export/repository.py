@@ -12,24 +12,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from string import Template
 
-from shelfsight import checkpoint, manifest, qwen
-from shelfsight.engine import EngineConfig
+from shelfsight import checkpoint, contract, manifest, params, qwen
+from shelfsight.engine import EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
 from shelfsight.params import GenerationParams
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
-MODELS = ("preprocess", "generate", "collect", "pipeline", "pipeline_stream")
+STEPS = ("preprocess", "generate", "collect")  # Python models, each with its model.py adapter
+ENSEMBLE_TEMPLATE = "pipeline"  # rendered once per public contract (contract.ANSWERS_FROM)
 
 
 @dataclass(frozen=True)
 class RepositoryJob:
     model: Path
     out: Path
-    device: str = "cpu"  # cpu | gpu
+    device: str = "cpu"  # a key of shelfsight.engine.PRESETS: cpu | gpu
     preprocess_instances: int = 2
     collect_instances: int = 1  # each instance keeps many answers in flight (collect/1/model.py)
-    max_batch: int = 32
+    max_batch: int = EngineConfig.max_batch
     min_pixels: int = manifest.PixelBounds.min_pixels
     max_pixels: int = manifest.PixelBounds.max_pixels
     max_new_tokens: int = GenerationParams.max_new_tokens
@@ -37,13 +38,22 @@ class RepositoryJob:
 
 
 def generation_defaults(ckpt: Path, max_new_tokens: int) -> GenerationParams:
-    """The study's structured-recognition settings; top_k from the checkpoint's generation config."""
+    """The study's structured-recognition settings (GenerationParams' defaults); top_k from the
+    checkpoint's generation config."""
     top_k = GenerationParams.top_k
     gen = ckpt / "generation_config.json"
     if gen.exists():
         top_k = int(json.loads(gen.read_text()).get("top_k") or 0)
-    return GenerationParams(max_new_tokens=max_new_tokens, temperature=0.3, top_p=0.85, top_k=top_k,
-                            repetition_penalty=1.1)
+    return GenerationParams(max_new_tokens=max_new_tokens, top_k=top_k)
+
+
+def parameter_inputs() -> dict[str, str]:
+    """The ensemble configs' lines for the generation parameters: one optional input each, and the
+    ensemble's map of each into `preprocess` (names and types from shelfsight/contract.py)."""
+    inputs = [f'  {{ name: "{name}" data_type: {contract.CONFIG_TYPE[kind]} dims: [ 1 ] optional: true }}'
+              for name, kind in (contract.OPTIONAL[f] for f in params.FIELDS)]
+    mapping = [f'      input_map {{ key: "{name}" value: "{name}" }}' for name in contract.PARAMETER_INPUTS]
+    return {"PARAMETER_INPUTS": ",\n".join(inputs), "PARAMETER_MAP": "\n".join(mapping)}
 
 
 def patch_dim(config: dict) -> int:
@@ -60,8 +70,7 @@ def public_json(served: manifest.ServingManifest) -> str:
 
 
 def build(job: RepositoryJob) -> manifest.ServingManifest:
-    if job.device not in ("cpu", "gpu"):
-        raise InvalidArgument(f"--device must be cpu or gpu, got {job.device!r}")
+    target = preset(job.device)
     for name in ("preprocess_instances", "collect_instances", "max_batch"):
         if getattr(job, name) < 1:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
@@ -69,31 +78,30 @@ def build(job: RepositoryJob) -> manifest.ServingManifest:
         raise InvalidArgument(f"pixel bounds must satisfy 0 < min ({job.min_pixels}) <= max ({job.max_pixels})")
     info = checkpoint.inspect(job.model)
     fingerprint = checkpoint.fingerprint(info.path)
-    gpu = job.device == "gpu"
     served = manifest.ServingManifest(
         checkpoint=str(info.path.resolve()), fingerprint=fingerprint,
         model_id=f"{info.path.resolve().name}@{fingerprint[:12]}", scheme=info.scheme,
-        device="cuda" if gpu else "cpu",
-        # On CPU, bf16 matmuls round differently with batch shape, so answers could depend on what
-        # else is batched; fp32 keeps them batch-invariant there. GPUs compute in bf16.
-        dtype="bfloat16" if gpu else "float32",
+        device=target.device, dtype=target.dtype,
         generation=generation_defaults(info.path, job.max_new_tokens),
         pixels=manifest.PixelBounds(job.min_pixels, job.max_pixels),
-        engine=replace(EngineConfig(), max_batch=job.max_batch,
-                       max_prefill_tokens=16_384 if gpu else 4096,
-                       vision_cache_bytes=(1 << 30) if gpu else (256 << 20)),
+        engine=replace(target.engine, max_batch=job.max_batch),
     )
     values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(info.config),
               "SERVING_JSON": public_json(served),
               "PREPROCESS_INSTANCES": job.preprocess_instances, "COLLECT_INSTANCES": job.collect_instances,
-              "GENERATE_KIND": "KIND_GPU" if gpu else "KIND_CPU"}
+              "GENERATE_KIND": "KIND_GPU" if target.device == "cuda" else "KIND_CPU", **parameter_inputs()}
+
+    def write(model: str, template: str, **extra) -> None:
+        dst = staging.path / model
+        (dst / "1").mkdir(parents=True)
+        config = Template((TEMPLATES / template / "config.pbtxt").read_text()).substitute(values, **extra)
+        (dst / "config.pbtxt").write_text(config)
+
     with Staging(job.out, job.force) as staging:
-        for model in MODELS:
-            src, dst = TEMPLATES / model, staging.path / model
-            (dst / "1").mkdir(parents=True)
-            config = Template((src / "config.pbtxt").read_text()).substitute(values)
-            (dst / "config.pbtxt").write_text(config)
-            if (src / "1" / "model.py").exists():
-                shutil.copy2(src / "1" / "model.py", dst / "1" / "model.py")
+        for model in STEPS:
+            write(model, model)
+            shutil.copy2(TEMPLATES / model / "1" / "model.py", staging.path / model / "1" / "model.py")
+        for name, answers_from in contract.ANSWERS_FROM.items():
+            write(name, ENSEMBLE_TEMPLATE, NAME=name, ANSWERS_FROM=answers_from)
         (staging.path / manifest.FILENAME).write_text(served.to_json())
     return served

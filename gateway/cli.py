@@ -13,16 +13,17 @@ from shelfsight.export.cli import add_repository_flags
 def add_gateway_flags(p) -> None:
     from shelfsight.gateway.settings import CacheSettings, GatewaySettings
 
-    cache = CacheSettings()
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, default=9464)
-    p.add_argument("--max-in-flight", type=int, default=64, help="model calls at once (more: RESOURCE_EXHAUSTED)")
-    p.add_argument("--cache-mb", type=int, default=256)
-    p.add_argument("--cache-ttl", type=float, default=24 * 3600.0, help="seconds")
+    s, cache = GatewaySettings(), CacheSettings()
+    p.add_argument("--host", default=s.host, help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=s.port)
+    p.add_argument("--metrics-port", type=int, default=s.metrics_port)
+    p.add_argument("--max-in-flight", type=int, default=s.max_in_flight,
+                   help="model calls at once (more: RESOURCE_EXHAUSTED)")
+    p.add_argument("--cache-mb", type=int, default=cache.max_bytes >> 20)
+    p.add_argument("--cache-ttl", type=float, default=cache.ttl_seconds, help="seconds")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-perceptual", action="store_true")
-    p.add_argument("--phash-bits", type=int, choices=(64, 256), default=256)
+    p.add_argument("--phash-bits", type=int, choices=(64, 256), default=cache.phash_bits)
     p.add_argument("--max-distance", type=int, default=cache.max_distance,
                    help="pHash bits that may differ for a perceptual candidate")
     p.add_argument("--max-colour-distance", type=float, default=cache.max_colour_distance,
@@ -33,7 +34,7 @@ def add_gateway_flags(p) -> None:
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
-    p.add_argument("--shutdown-grace", type=float, default=GatewaySettings.shutdown_grace,
+    p.add_argument("--shutdown-grace", type=float, default=s.shutdown_grace,
                    help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
 
@@ -51,9 +52,11 @@ def settings_from(args, triton_url: str):
 
 
 def register(sub) -> None:
+    from shelfsight.gateway.settings import GatewaySettings
+
     g = sub.add_parser("gateway", help="run the gRPC gateway in front of a running Triton")
     to = g.add_mutually_exclusive_group()
-    to.add_argument("--triton", default="127.0.0.1:8001",
+    to.add_argument("--triton", default=GatewaySettings.triton_url,
                     help="Triton gRPC HOST:PORT, or several comma-separated (one per replica)")
     to.add_argument("--triton-dns", metavar="NAME:PORT",
                     help="re-resolve NAME every few seconds; each address is a replica (a headless Service)")
@@ -74,11 +77,14 @@ def register(sub) -> None:
 
 def add_triton_flags(p, prefix: str = "") -> None:
     """Triton's ports: fixed defaults, the ones monitoring/prometheus.yml scrapes (0: any free port)."""
-    p.add_argument(f"--{prefix}grpc-port", type=int, default=8001)
-    p.add_argument(f"--{prefix}http-port", type=int, default=8000)
-    p.add_argument(f"--{prefix}metrics-port", type=int, default=8002)
+    from shelfsight import ports
+    from shelfsight.supervisor import RestartPolicy
+
+    p.add_argument(f"--{prefix}grpc-port", type=int, default=ports.TRITON_GRPC)
+    p.add_argument(f"--{prefix}http-port", type=int, default=ports.TRITON_HTTP)
+    p.add_argument(f"--{prefix}metrics-port", type=int, default=ports.TRITON_METRICS)
     p.add_argument(f"--{prefix}log", type=Path, help="tritonserver's log file (default: in a temporary folder)")
-    p.add_argument("--max-restarts", type=int, default=5,
+    p.add_argument("--max-restarts", type=int, default=RestartPolicy.max_failures,
                    help="give up (exit 1) after Triton failed this many times in a row")
 
 

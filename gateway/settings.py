@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shelfsight import ports
+
 
 @dataclass(frozen=True)
 class CacheSettings:
@@ -36,13 +38,13 @@ class CacheSettings:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    triton_url: str = "127.0.0.1:8001"  # HOST:PORT, or several comma-separated: one per Triton replica
+    triton_url: str = ports.TRITON_ADDRESS  # HOST:PORT, or several comma-separated: one per Triton replica
     triton_dns: str | None = None  # NAME:PORT re-resolved for the replicas instead (a headless Service)
     dns_interval: float = 5.0  # seconds between resolutions of triton_dns
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464
+    host: str = ports.LOCALHOST
+    port: int = ports.GATEWAY
+    metrics_host: str = ports.LOCALHOST
+    metrics_port: int = ports.GATEWAY_METRICS
     max_in_flight: int = 64  # model calls at once; more -> RESOURCE_EXHAUSTED
     upstream_timeout: float = 300.0  # when the client sets no deadline
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM

@@ -4,18 +4,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shelfsight import ports
+
 
 def register(sub) -> None:
+    from shelfsight.loadtest.runner import LoadJob
+
     p = sub.add_parser("loadtest", help="run a Locust scenario headless and write a summary")
     p.add_argument("--scenario", required=True, choices=("cold", "hot", "near_duplicate", "mixed"))
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    p.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
     p.add_argument("--users", type=int, default=4)
     p.add_argument("--spawn-rate", type=float, default=2.0)
     p.add_argument("--duration", type=int, default=30, help="seconds")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--metrics", help="gateway metrics URL (default: http://TARGET_HOST:9464/metrics)")
+    p.add_argument("--metrics", help=f"gateway metrics URL (default: http://TARGET_HOST:{ports.GATEWAY_METRICS}/metrics)")
     p.add_argument("--step", action="store_true", help="step-shaped load instead of a constant user count")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=LoadJob.max_new_tokens)
     p.set_defaults(func=cmd_loadtest)
 
 

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shelfsight import ports
 from shelfsight.errors import InvalidArgument, Unavailable
 
 HERE = Path(__file__).resolve().parent
@@ -136,7 +137,7 @@ def run(job: LoadJob) -> dict:
             raise InvalidArgument(f"--{name} must be at least 1")
     if job.spawn_rate <= 0:
         raise InvalidArgument("--spawn-rate must be positive")
-    metrics_url = job.metrics_url or f"http://{job.target.rsplit(':', 1)[0]}:9464/metrics"
+    metrics_url = job.metrics_url or f"http://{job.target.rsplit(':', 1)[0]}:{ports.GATEWAY_METRICS}/metrics"
     job.out.mkdir(parents=True, exist_ok=True)
     before = gateway_counters(metrics_url)
     files = str(HERE / "locustfile.py") + ("," + str(HERE / "shapes.py") if job.step else "")

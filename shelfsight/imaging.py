@@ -101,10 +101,9 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), enhance: bool = Fal
             detail = OBJECT_REPR.sub("the data", str(e)).strip() or type(e).__name__
             raise InvalidArgument(f"{fmt} image could not be decoded: {detail}") from None
     try:
-        im = ImageOps.exif_transpose(im)
+        im = ImageOps.exif_transpose(im)  # swaps width and height at most: the checks above still hold
     except Exception:  # a broken EXIF block must not cost the picture
         pass
-    _check_size(*im.size, limits)
     im = _to_rgb(im)
     if enhance:  # the reference study's preprocessing
         im = ImageEnhance.Brightness(ImageEnhance.Contrast(im).enhance(1.2)).enhance(1.1)

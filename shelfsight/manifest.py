@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shelfsight.engine import EngineConfig
+from shelfsight.engine.config import EngineConfig
 from shelfsight.errors import FailedPrecondition
 from shelfsight.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits

@@ -53,9 +53,11 @@ class GenerationParams:
     def from_json(cls, raw: bytes | str) -> "GenerationParams":
         try:
             doc = json.loads(raw)
-            unknown = set(doc) - {f.name for f in fields(cls)}
         except (ValueError, TypeError):
-            raise InvalidArgument("generation parameters are not a JSON object") from None
+            doc = None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("generation parameters are not a JSON object")
+        unknown = set(doc) - {f.name for f in fields(cls)}
         if unknown:
             raise InvalidArgument(f"unknown generation parameters {sorted(unknown)}")
         return cls(**doc)

@@ -1,7 +1,7 @@
-"""Client side of the Triton `pipeline` / `pipeline_stream` contract (model_repository/pipeline).
+"""Client side of the Triton `pipeline` / `pipeline_stream` contract (names in shelfsight/contract.py).
 
-    inputs   IMAGE UINT8 [-1], QUESTION BYTES [1]; optional SYSTEM BYTES, MAX_NEW_TOKENS INT32,
-             TEMPERATURE FP32, TOP_P FP32, TOP_K INT32, REPETITION_PENALTY FP32, SEED INT64, ENHANCE BOOL
+    inputs   IMAGE UINT8 [-1], QUESTION BYTES [1]; optional SYSTEM BYTES, one input per generation
+             parameter (MAX_NEW_TOKENS INT32, TEMPERATURE FP32, ...: params.RULES), ENHANCE BOOL
     outputs  TEXT BYTES, PROMPT_TOKENS INT32, COMPLETION_TOKENS INT32, FINISH_REASON BYTES ("stop"|"length")
 
 Used by the gateway's upstream, the benchmarks and the tests. Errors come back typed: the status name
@@ -21,20 +21,10 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from shelfsight import errors
+from shelfsight import contract, errors
+from shelfsight.contract import OUTPUTS, STREAM, UNARY
 
-UNARY, STREAM = "pipeline", "pipeline_stream"
-# request field -> (input name, Triton type, numpy type)
-OPTIONAL = {
-    "max_new_tokens": ("MAX_NEW_TOKENS", "INT32", np.int32),
-    "temperature": ("TEMPERATURE", "FP32", np.float32),
-    "top_p": ("TOP_P", "FP32", np.float32),
-    "top_k": ("TOP_K", "INT32", np.int32),
-    "repetition_penalty": ("REPETITION_PENALTY", "FP32", np.float32),
-    "seed": ("SEED", "INT64", np.int64),
-    "enhance": ("ENHANCE", "BOOL", np.bool_),
-}
-OUTPUTS = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+NUMPY_TYPE = {"BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
 _GRPC_STATUS = {"UNAVAILABLE": errors.Unavailable, "DEADLINE_EXCEEDED": errors.DeadlineExceeded,
                 "CANCELLED": errors.Cancelled, "NOT_FOUND": errors.Unavailable,  # model not loaded (yet)
                 "INVALID_ARGUMENT": errors.InvalidArgument, "RESOURCE_EXHAUSTED": errors.ResourceExhausted}
@@ -62,25 +52,23 @@ def build_inputs(image: bytes, question: str, system: str | None = None, **param
         t.set_data_from_numpy(value)
         return t
 
-    inputs = [tensor("IMAGE", "UINT8", np.frombuffer(image, dtype=np.uint8)[None]),
-              tensor("QUESTION", "BYTES", np.array([[question.encode("utf-8")]], dtype=object))]
+    inputs = [tensor(contract.IMAGE, "UINT8", np.frombuffer(image, dtype=np.uint8)[None]),
+              tensor(contract.QUESTION, "BYTES", np.array([[question.encode("utf-8")]], dtype=object))]
     if system:
-        inputs.append(tensor("SYSTEM", "BYTES", np.array([[system.encode("utf-8")]], dtype=object)))
+        inputs.append(tensor(contract.SYSTEM, "BYTES", np.array([[system.encode("utf-8")]], dtype=object)))
     for field, value in params.items():
         if value is None:
             continue
-        if field not in OPTIONAL:
+        if field not in contract.OPTIONAL:
             raise errors.InvalidArgument(f"unknown generation parameter {field!r}")
-        name, dtype, np_type = OPTIONAL[field]
-        inputs.append(tensor(name, dtype, np.array([[value]], dtype=np_type)))
+        name, dtype = contract.OPTIONAL[field]
+        inputs.append(tensor(name, dtype, np.array([[value]], dtype=NUMPY_TYPE[dtype])))
     return inputs
 
 
 def _outputs(result) -> tuple[str, int, int, str]:
-    text = result.as_numpy("TEXT").reshape(-1)[0]
-    finish = result.as_numpy("FINISH_REASON").reshape(-1)[0]
-    return (text.decode("utf-8"), int(result.as_numpy("PROMPT_TOKENS").reshape(-1)[0]),
-            int(result.as_numpy("COMPLETION_TOKENS").reshape(-1)[0]), finish.decode())
+    text, prompt, completion, finish = (result.as_numpy(name).reshape(-1)[0] for name in OUTPUTS)
+    return text.decode("utf-8"), int(prompt), int(completion), finish.decode()
 
 
 def to_error(exc: Exception) -> errors.ShelfsightError:

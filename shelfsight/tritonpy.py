@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from shelfsight import contract
 from shelfsight.errors import InvalidArgument, ShelfsightError
 
 # gRPC status name -> TritonError code (Triton has no RESOURCE_EXHAUSTED; the text keeps the name)
@@ -57,6 +58,17 @@ def text(request, name: str, required: bool = False) -> str | None:
 
 def tensor(name: str, value: np.ndarray) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, value)
+
+
+def answer(text: bytes, prompt_tokens: int, completion_tokens: int, finish_reason: bytes) -> "pb_utils.InferenceResponse":
+    """The contract's four outputs (contract.OUTPUTS), one response: a delta of `generate`'s stream or
+    `collect`'s whole answer. finish_reason is b"" until the last response."""
+    return pb_utils.InferenceResponse([
+        tensor(contract.TEXT, np.array([[text]], dtype=object)),
+        tensor(contract.PROMPT_TOKENS, np.array([[prompt_tokens]], dtype=np.int32)),
+        tensor(contract.COMPLETION_TOKENS, np.array([[completion_tokens]], dtype=np.int32)),
+        tensor(contract.FINISH_REASON, np.array([[finish_reason]], dtype=object)),
+    ])
 
 
 def model_dir_repo(args: dict):

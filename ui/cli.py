@@ -6,21 +6,28 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from shelfsight.ui.settings import UISettings
+
+    s = UISettings()
     u = sub.add_parser("ui", help="the web workbench (Gradio) over a running gateway: ask, history, batch, evaluate")
-    u.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
-    u.add_argument("--port", type=int, default=7860, help="the page's port (0: any free port)")
-    u.add_argument("--host", default="127.0.0.1", help="address the page listens on (0.0.0.0 opens it to the network)")
+    u.add_argument("--target", default=s.target, help="gateway HOST:PORT")
+    u.add_argument("--port", type=int, default=s.port, help="the page's port (0: any free port)")
+    u.add_argument("--host", default=s.host, help="address the page listens on (0.0.0.0 opens it to the network)")
     u.add_argument("--workdir", type=Path, help="where batch and evaluation results are kept (default: a temp folder)")
-    u.add_argument("--timeout", type=float, default=300.0, help="deadline for one answer, seconds")
+    u.add_argument("--timeout", type=float, default=s.timeout, help="deadline for one answer, seconds")
     u.set_defaults(func=cmd_ui)
+
+
+def settings_from(args):
+    from shelfsight.ui.settings import UISettings
+
+    return UISettings(target=args.target, host=args.host, port=args.port, workdir=args.workdir, timeout=args.timeout)
 
 
 def cmd_ui(args) -> int:
     from shelfsight.ui.app import launch
-    from shelfsight.ui.settings import UISettings
 
-    settings = UISettings(target=args.target, host=args.host, port=args.port, workdir=args.workdir,
-                          timeout=args.timeout)
+    settings = settings_from(args)
     page = launch(settings, block=False)
     print(f"web UI on {page.local_url} (gateway {settings.target}); Ctrl-C stops it", flush=True)
     try:

@@ -1,6 +1,20 @@
-"""The generation engine (see core.py): scheduler -> runner (prefill, decode) -> output stage."""
-from shelfsight.engine.api import EngineConfig, Observer, Request, SafeObserver, Sink
-from shelfsight.engine.core import Engine
-from shelfsight.engine.prefill import VisionCache
+"""The generation engine (see core.py): scheduler -> runner (prefill, decode) -> output stage.
 
-__all__ = ["Engine", "EngineConfig", "Observer", "Request", "SafeObserver", "Sink", "VisionCache"]
+Its settings (config.py) import without torch; the engine's classes load on first use, so the serving
+manifest and the export side can read an EngineConfig without loading the engine."""
+from importlib import import_module
+
+from shelfsight.engine.config import PRESETS, DevicePreset, EngineConfig, preset
+
+_LAZY = {"Engine": "core", "Observer": "api", "Request": "api", "SafeObserver": "api", "Sink": "api",
+         "VisionCache": "prefill"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"shelfsight.engine.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'shelfsight.engine' has no attribute {name!r}")
+
+
+__all__ = ["PRESETS", "DevicePreset", "Engine", "EngineConfig", "Observer", "Request", "SafeObserver", "Sink",
+           "VisionCache", "preset"]

@@ -1,5 +1,5 @@
-"""What the engine's users see: a request, where its output goes (Sink), the engine's settings and
-the events it reports (Observer)."""
+"""What the engine's users see: a request, where its output goes (Sink) and the events it reports
+(Observer). Its settings are in config.py."""
 from __future__ import annotations
 
 import logging
@@ -40,26 +40,6 @@ class Request:
     @property
     def image_tokens(self) -> int:
         return int(self.grid_thw.prod()) // qwen.MERGE_SIZE ** 2
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 32  # rows decoded together = KV-cache slots
-    max_waiting: int = 256  # queued beyond the running batch; more is refused (RESOURCE_EXHAUSTED)
-    max_prefill_tokens: int = 8192  # prompt tokens admitted in one prefill (at least one request)
-    # prompt + answer, and the length of every KV-cache slot: the cache holds max_batch + 1 slots of
-    # this many tokens per layer, allocated once (2B shape, bf16: 112 KiB a token, 15 GB at 32 x 4096)
-    max_model_len: int = 4096
-    vision_cache_bytes: int = 256 << 20  # vision features kept for repeated pictures; 0 = off
-    runner: str = "slots"  # slots: fixed KV slots + compact decoder | reference: transformers DynamicCache
-    cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
-    warm_kv_len: int = 1024  # on CUDA, capture every batch bucket up to this KV length at start
-    # A stream gets at most one response per interval (the first token and the last at once): each
-    # response, and each cancellation check, is a round trip through Triton's stub IPC. Per token, at
-    # 32 streams, they made a step 13.8 ms through Triton against 3.7 ms in process (H100, 2B bf16);
-    # measured through Triton at c=32: every token 15.1 req/s, 20 ms 28.0 req/s, 50 ms 34.7 req/s.
-    # 50 ms is 20 updates a second: still a smooth stream to a person.
-    stream_interval: float = 0.05
 
 
 class Observer:

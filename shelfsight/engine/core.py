@@ -18,7 +18,8 @@ import torch
 
 from shelfsight import qwen, sampling
 from shelfsight.detokenize import IncrementalDetokenizer
-from shelfsight.engine.api import EngineConfig, Observer, Request, SafeObserver
+from shelfsight.engine.api import Observer, Request, SafeObserver
+from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Batch, Row
 from shelfsight.engine.output import CANCELLED, OutputStage
 from shelfsight.engine.prefill import VisionCache, prefill, vision

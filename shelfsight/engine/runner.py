@@ -19,7 +19,7 @@ import logging
 import torch
 
 from shelfsight import sampling
-from shelfsight.engine.api import EngineConfig
+from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Row
 from shelfsight.engine.decoder import Decoder
 from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick

@@ -5,6 +5,8 @@ import asyncio
 import json
 from pathlib import Path
 
+from shelfsight import ports
+
 
 def register(sub) -> None:
     ds = sub.add_parser("dataset", help="evaluation datasets")
@@ -22,7 +24,7 @@ def register(sub) -> None:
 
     ev = sub.add_parser("eval", help="score the served model on a dataset (resumable); `eval compare A B`")
     ev.add_argument("--dataset", type=Path)
-    ev.add_argument("--target", default="127.0.0.1:50051")
+    ev.add_argument("--target", default=ports.GATEWAY_ADDRESS)
     ev.add_argument("--out", type=Path)
     ev.add_argument("--concurrency", type=int, default=4)
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (the study's settings sample)")

@@ -1,8 +1,8 @@
 """`shelfsight eval`: score a served model on a dataset the way the reference study did.
 
-One structured question per image, with the study's settings for structured recognition (temperature
-0.3, top_p 0.85, max_new_tokens 256, repetition_penalty 1.1) and a fixed seed so that a run can be
-repeated and resumed. Answers are asked through the gateway with the same durable, resumable asking
+One structured question per image, with the study's settings for structured recognition (the
+serving defaults, shelfsight/params.py) sent explicitly, and a fixed seed, so that a run can be
+repeated and resumed whatever defaults the served repository has. Answers are asked through the gateway with the same durable, resumable asking
 as `batch` (answers.jsonl); then every answer is parsed (evaluation/answers.py) and scored
 (evaluation/scoring.py) into report.json (every answer) and report.md (the study's tables).
 """
@@ -15,12 +15,14 @@ from pathlib import Path
 from shelfsight.client.batch import ask_all
 from shelfsight.errors import InvalidArgument, NotFound
 from shelfsight.evaluation import answers, dataset, scoring
+from shelfsight.params import GenerationParams
 
 QUESTION = ("Identify the product in this photo. Reply with JSON only, no other text: "
             '{"category": "one of digital, home, apparel, beauty, food_drink, books_stationery", '
             '"brand": "...", "colour": "...", "spec": "size, capacity or model", '
             '"text": "all text printed on the product"}')
-STUDY_SETTINGS = dict(temperature=0.3, top_p=0.85, max_new_tokens=256, repetition_penalty=1.1)
+STUDY_SETTINGS = {f: getattr(GenerationParams(), f) for f in ("temperature", "top_p", "max_new_tokens",
+                                                                "repetition_penalty")}
 CATEGORY_NAMES = {"digital": "Digital", "home": "Home", "apparel": "Apparel", "beauty": "Beauty",
                   "food_drink": "Food & drink", "books_stationery": "Books & stationery"}
 

@@ -19,17 +19,14 @@ import json
 import threading
 import time
 
-import numpy as np
 
+from shelfsight import contract
 from shelfsight.errors import Internal
-from shelfsight.tritonpy import error_response, tensor
+from shelfsight.tritonpy import answer, error_response
 
 import triton_python_backend_utils as pb_utils
 
 TARGET = "generate"
-INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_key", "max_new_tokens", "temperature",
-          "top_p", "top_k", "repetition_penalty", "seed")
-OUTPUTS = ["TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON"]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Answers in flight per instance, per slot of the engine's batch: enough that the engine's own queue,
 # not this model, decides who decodes next; past it, requests wait in Triton's queue for `collect`.
@@ -47,19 +44,15 @@ def join(stream) -> "pb_utils.InferenceResponse":
     for response in stream:
         if response.has_error():
             return pb_utils.InferenceResponse(error=response.error())
-        if _value(response, "TEXT") is None:  # an empty final flag
+        if _value(response, contract.TEXT) is None:  # an empty final flag
             continue
-        parts.append(_value(response, "TEXT"))
-        prompt, completion = int(_value(response, "PROMPT_TOKENS")), int(_value(response, "COMPLETION_TOKENS"))
-        finish = _value(response, "FINISH_REASON") or finish
+        parts.append(_value(response, contract.TEXT))
+        prompt = int(_value(response, contract.PROMPT_TOKENS))
+        completion = int(_value(response, contract.COMPLETION_TOKENS))
+        finish = _value(response, contract.FINISH_REASON) or finish
     if not finish:
         return error_response(Internal("generate ended its stream without a final answer"))
-    return pb_utils.InferenceResponse([
-        tensor("TEXT", np.array([[b"".join(parts)]], dtype=object)),
-        tensor("PROMPT_TOKENS", np.array([[prompt]], dtype=np.int32)),
-        tensor("COMPLETION_TOKENS", np.array([[completion]], dtype=np.int32)),
-        tensor("FINISH_REASON", np.array([[finish]], dtype=object)),
-    ])
+    return answer(b"".join(parts), prompt, completion, finish)
 
 
 def outlive_stub_cleanup(stream, sender) -> None:
@@ -90,7 +83,7 @@ class TritonPythonModel:
     def _answer(self, sender, inputs):
         stream = None
         try:
-            bls = pb_utils.InferenceRequest(model_name=TARGET, inputs=inputs, requested_output_names=OUTPUTS)
+            bls = pb_utils.InferenceRequest(model_name=TARGET, inputs=inputs, requested_output_names=list(contract.OUTPUTS))
             stream = bls.exec(decoupled=True)  # returns at generate's first response
             response = join(stream)
         except Exception as e:
@@ -112,7 +105,7 @@ class TritonPythonModel:
             try:
                 # Copies: the inputs live in Triton's shared memory, reused once execute() returns
                 inputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy())
-                          for t in (pb_utils.get_input_tensor_by_name(request, n) for n in INPUTS) if t is not None]
+                          for t in (pb_utils.get_input_tensor_by_name(request, n) for n in contract.STEP_INPUTS) if t is not None]
             except Exception as e:
                 sender.send(error_response(e), flags=FINAL)
                 continue

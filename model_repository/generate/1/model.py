@@ -4,15 +4,15 @@ execute() only hands requests to shelfsight.engine.Engine and returns; the engin
 continuously on its own thread and streams each request's text deltas back through its response
 sender, the last response flagged final. Engine metrics are exported as Triton custom metrics.
 """
-import numpy as np
 import torch
 
+from shelfsight import contract
 from shelfsight import manifest as manifest_mod
 from shelfsight.checkpoint import load_model
 from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
 from shelfsight.params import GenerationParams
-from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor
+from shelfsight.tritonpy import answer, array, error_response, model_dir_repo, scalar
 
 import triton_python_backend_utils as pb_utils
 
@@ -30,12 +30,8 @@ class Sink:
         return self.sender.is_cancelled()
 
     def send(self, delta, prompt_tokens, completion_tokens, finish_reason):
-        self.sender.send(pb_utils.InferenceResponse([
-            tensor("TEXT", np.array([[delta.encode("utf-8")]], dtype=object)),
-            tensor("PROMPT_TOKENS", np.array([[prompt_tokens]], dtype=np.int32)),
-            tensor("COMPLETION_TOKENS", np.array([[completion_tokens]], dtype=np.int32)),
-            tensor("FINISH_REASON", np.array([[(finish_reason or "").encode()]], dtype=object)),
-        ]), flags=FINAL if finish_reason else 0)
+        self.sender.send(answer(delta.encode("utf-8"), prompt_tokens, completion_tokens, (finish_reason or "").encode()),
+                         flags=FINAL if finish_reason else 0)
 
     def fail(self, error):
         self.sender.send(error_response(error), flags=FINAL)
@@ -111,11 +107,10 @@ class TritonPythonModel:
         self.engine.start()
 
     def _request(self, request) -> Request:
-        seed = scalar(request, "seed", int)
-        params = GenerationParams(
-            max_new_tokens=scalar(request, "max_new_tokens", int), temperature=scalar(request, "temperature", float),
-            top_p=scalar(request, "top_p", float), top_k=scalar(request, "top_k", int),
-            repetition_penalty=scalar(request, "repetition_penalty", float), seed=None if seed is None or seed < 0 else seed)
+        raw = scalar(request, contract.PARAMS, lambda v: v)
+        if raw is None:
+            raise InvalidArgument(f"{contract.PARAMS} is required")
+        params = GenerationParams.from_json(raw)  # resolved and checked by preprocess
         ids, pixels, grid = array(request, "input_ids"), array(request, "pixel_values"), array(request, "image_grid_thw")
         if ids is None or pixels is None or grid is None:
             raise InvalidArgument("input_ids, pixel_values and image_grid_thw are required")

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from shelfsight import contract, params
 from shelfsight import manifest as manifest_mod
-from shelfsight import params
 from shelfsight.errors import InvalidArgument
 from shelfsight.preprocessing import load_preprocessor
 from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
@@ -28,28 +28,21 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            image = array(request, "IMAGE")
+            image = array(request, contract.IMAGE)
             if image is None:
-                raise InvalidArgument("IMAGE is missing")
-            gen = params.resolve(
-                self.manifest.generation, self.manifest.limits,
-                max_new_tokens=scalar(request, "MAX_NEW_TOKENS", int), temperature=scalar(request, "TEMPERATURE", float),
-                top_p=scalar(request, "TOP_P", float), top_k=scalar(request, "TOP_K", int),
-                repetition_penalty=scalar(request, "REPETITION_PENALTY", float), seed=scalar(request, "SEED", int))
-            enhance = bool(scalar(request, "ENHANCE", bool) or False)
-            inputs = self.pre(image.reshape(-1).tobytes(), text(request, "QUESTION", required=True),
-                              text(request, "SYSTEM"), enhance)
+                raise InvalidArgument(f"{contract.IMAGE} is missing")
+            gen = params.resolve(self.manifest.generation, self.manifest.limits,
+                                 **{field: scalar(request, field.upper(), rule.cast)
+                                    for field, rule in params.RULES.items()})
+            enhance = bool(scalar(request, contract.ENHANCE, bool) or False)
+            inputs = self.pre(image.reshape(-1).tobytes(), text(request, contract.QUESTION, required=True),
+                              text(request, contract.SYSTEM), enhance)
             return pb_utils.InferenceResponse([
                 tensor("input_ids", inputs.input_ids[None]),
                 tensor("pixel_values", inputs.pixel_values[None]),
                 tensor("image_grid_thw", inputs.image_grid_thw[None]),
                 tensor("image_key", np.array([[inputs.image_key.encode()]], dtype=object)),
-                tensor("max_new_tokens", np.array([[gen.max_new_tokens]], dtype=np.int32)),
-                tensor("temperature", np.array([[gen.temperature]], dtype=np.float32)),
-                tensor("top_p", np.array([[gen.top_p]], dtype=np.float32)),
-                tensor("top_k", np.array([[gen.top_k]], dtype=np.int32)),
-                tensor("repetition_penalty", np.array([[gen.repetition_penalty]], dtype=np.float32)),
-                tensor("seed", np.array([[-1 if gen.seed is None else gen.seed]], dtype=np.int64)),
+                tensor(contract.PARAMS, np.array([[gen.to_json()]], dtype=object)),
             ])
         except Exception as e:  # typed errors keep their code; anything else becomes INTERNAL
             return error_response(e)

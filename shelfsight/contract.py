@@ -1,0 +1,37 @@
+"""The Triton contract in names, written once: the public inputs and outputs of `pipeline` and
+`pipeline_stream`, and the tensors `preprocess` hands to `generate`.
+
+Imported by the client side (shelfsight/pipeline.py), the model adapters (model_repository/*/1/model.py)
+and the repository builder (export/repository.py), which renders the parameter inputs of the ensemble
+configs from here. Only names and types: no Triton, tritonclient or numpy import, so it loads anywhere.
+"""
+from __future__ import annotations
+
+from shelfsight import params
+
+UNARY, STREAM = "pipeline", "pipeline_stream"
+ANSWERS_FROM = {UNARY: "collect", STREAM: "generate"}  # the ensemble's second step
+
+# Public inputs. Each generation parameter is an optional input named FIELD.upper() (params.RULES).
+IMAGE, QUESTION, SYSTEM, ENHANCE = "IMAGE", "QUESTION", "SYSTEM", "ENHANCE"
+# request field -> (input name, Triton data type), the optional inputs in contract order
+OPTIONAL: dict[str, tuple[str, str]] = {
+    **{field: (field.upper(), rule.triton_type) for field, rule in params.RULES.items()},
+    "enhance": (ENHANCE, "BOOL"),
+}
+PARAMETER_INPUTS = tuple(field.upper() for field in params.FIELDS)
+
+# Public outputs, every response of either model: the text (a delta when streamed), the counts so far
+# and, on the last response, why generation ended ("stop" | "length"; "" before that).
+TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON = "TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON"
+OUTPUTS = (TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON)
+
+# preprocess -> generate (and collect): model inputs, then the resolved GenerationParams as one JSON
+# string (GenerationParams.to_json), so adding a parameter touches no config.
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_key")
+PARAMS = "params"
+STEP_INPUTS = MODEL_INPUTS + (PARAMS,)
+
+# Triton API data type -> config.pbtxt data type
+CONFIG_TYPE = {"BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32",
+               "BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8"}
