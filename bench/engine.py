@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shelfsight import imaging, params, synth  # noqa: E402
 from shelfsight.engine import Engine, EngineConfig, Request  # noqa: E402
 from shelfsight.params import GenerationParams  # noqa: E402
-from shelfsight.preprocessing import Preprocessor, PixelPolicy  # noqa: E402
+from shelfsight.model.preprocessing import Preprocessor, PixelPolicy  # noqa: E402
 
 
 class Timed:
@@ -113,8 +113,7 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
 
 def run_generate(model, inputs, new_tokens, device) -> dict:
     """One left-padded batch through transformers' generate()."""
-    from shelfsight import qwen
-
+    from shelfsight.model import qwen
     L = max(len(x.input_ids) for x in inputs)
     ids = torch.full((len(inputs), L), qwen.ENDOFTEXT_ID)
     mask = torch.zeros_like(ids)

@@ -41,7 +41,7 @@ async def main_async(args, triton_url, gateway_factory):
 
     from shelfsight import synth
     from shelfsight.client import AsyncShelfsightClient
-    from shelfsight.pipeline import PipelineClient
+    from shelfsight.serving.pipeline import PipelineClient
 
     rng = random.Random(5)
     photos = [synth.encode(synth.render(synth.make_product(rng), size=(448, 448), seed=i)) for i in range(args.requests)]
@@ -102,7 +102,7 @@ def main() -> None:
     from shelfsight.export.repository import RepositoryJob, build
     from shelfsight.gateway.server import Gateway
     from shelfsight.gateway.settings import CacheSettings, GatewaySettings
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     (work / "tiny").mkdir()

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import synth  # noqa: E402
-from shelfsight.pipeline import PipelineClient  # noqa: E402
+from shelfsight.serving.pipeline import PipelineClient  # noqa: E402
 
 LEVELS = (1, 8, 32)
 
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--soak-contract", choices=("unary", "stream"), default="unary")
     args = ap.parse_args()
     from shelfsight.export.repository import RepositoryJob, build
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     model = args.model

@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import imaging, params, synth  # noqa: E402
-from shelfsight.preprocessing import load_preprocessor  # noqa: E402
+from shelfsight.model.preprocessing import load_preprocessor  # noqa: E402
 
 SIZES = [(448, 448), (800, 600), (1024, 768), (1920, 1080), (4000, 3000)]
 QUESTION = "What brand is this product?"

@@ -17,6 +17,8 @@ COPY gateway gateway
 COPY client client
 COPY loadtest loadtest
 COPY ui ui
+COPY evaluation evaluation
+COPY app app
 COPY model_repository model_repository
 RUN pip install --no-deps -e . && shelfsight gateway --help >/dev/null \
     && useradd --system --uid 10001 shelfsight

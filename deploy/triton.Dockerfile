@@ -22,6 +22,8 @@ COPY gateway gateway
 COPY client client
 COPY loadtest loadtest
 COPY ui ui
+COPY evaluation evaluation
+COPY app app
 COPY model_repository model_repository
 # Editable: `shelfsight export repository` reads its templates from model_repository/ beside the code.
 RUN pip install --no-deps -e . && shelfsight --help >/dev/null

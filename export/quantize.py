@@ -5,7 +5,7 @@
     int4  GPTQ (4-bit, group 128, symmetric, no act-order) by GPTQModel in the export environment,
           text-decoder linears only; the manifest also measures plain round-to-nearest 4-bit on the
           same held-out samples, so GPTQ's gain is visible
-Both quantized outputs are standard GPTQ checkpoints (shelfsight/gptq.py). The output appears whole or
+Both quantized outputs are standard GPTQ checkpoints (shelfsight/model/gptq.py). The output appears whole or
 not at all: everything is written to a hidden sibling folder and renamed into place at the end.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shelfsight import checkpoint
+from shelfsight.model import checkpoint
 from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument
 from shelfsight.export import calibration, fidelity
 from shelfsight.export.staging import Staging
@@ -65,7 +65,7 @@ def write_local(src: Path, dst: Path, bits: int | None, group_size: int) -> None
     import torch
     from safetensors.torch import save_file
 
-    from shelfsight.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
+    from shelfsight.model.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
 
     tensors = checkpoint.read_tensors(src)
     out = {}

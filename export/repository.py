@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from string import Template
 
-from shelfsight import checkpoint, contract, manifest, params, qwen
+from shelfsight import params
+
+from shelfsight.model import checkpoint, qwen
+
+from shelfsight.serving import contract, manifest
 from shelfsight.engine import EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
@@ -49,7 +53,7 @@ def generation_defaults(ckpt: Path, max_new_tokens: int) -> GenerationParams:
 
 def parameter_inputs() -> dict[str, str]:
     """The ensemble configs' lines for the generation parameters: one optional input each, and the
-    ensemble's map of each into `preprocess` (names and types from shelfsight/contract.py)."""
+    ensemble's map of each into `preprocess` (names and types from shelfsight/serving/contract.py)."""
     inputs = [f'  {{ name: "{name}" data_type: {contract.CONFIG_TYPE[kind]} dims: [ 1 ] optional: true }}'
               for name, kind in (contract.OPTIONAL[f] for f in params.FIELDS)]
     mapping = [f'      input_map {{ key: "{name}" value: "{name}" }}' for name in contract.PARAMETER_INPUTS]

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shelfsight import qwen
-
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "shelfsight" / "chat_template.jinja"
+from shelfsight.model import qwen
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "shelfsight" / "model" / "chat_template.jinja"
 
 
 def tiktoken_path() -> Path:
@@ -26,7 +25,7 @@ def tiktoken_path() -> Path:
 def chat_template() -> str:
     import importlib.resources
 
-    return importlib.resources.files("shelfsight").joinpath("chat_template.jinja").read_text()
+    return importlib.resources.files("shelfsight.model").joinpath("chat_template.jinja").read_text()
 
 
 def build_tokenizer():

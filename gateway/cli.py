@@ -1,13 +1,10 @@
-"""`shelfsight gateway` (the gRPC front door alone) and `shelfsight serve` (Triton + gateway)."""
+"""`shelfsight gateway`: the gRPC front door alone, in front of running Tritons. Its flags are shared
+with `shelfsight serve` (app/serve.py)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
-import tempfile
-from pathlib import Path
-
-from shelfsight.export.cli import add_repository_flags
 
 
 def add_gateway_flags(p) -> None:
@@ -63,131 +60,16 @@ def register(sub) -> None:
     add_gateway_flags(g)
     g.set_defaults(func=cmd_gateway)
 
-    s = sub.add_parser("serve", help="the main job: start Triton and the gateway together, keep Triton up "
-                       "(restarts it when it or a model process dies), stop both cleanly")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="a Qwen3-VL checkpoint (the repository is laid out for it)")
-    src.add_argument("--repo", type=Path, help="a repository from `shelfsight export repository`")
-    add_repository_flags(s)
-    add_triton_flags(s, prefix="triton-")
-    add_gateway_flags(s)
-    s.add_argument("--ui-port", type=int, help="also serve the web UI (`shelfsight ui`) on this port, on --host")
-    s.set_defaults(func=cmd_serve)
 
-
-def add_triton_flags(p, prefix: str = "") -> None:
-    """Triton's ports: fixed defaults, the ones monitoring/prometheus.yml scrapes (0: any free port)."""
-    from shelfsight import ports
-    from shelfsight.supervisor import RestartPolicy
-
-    p.add_argument(f"--{prefix}grpc-port", type=int, default=ports.TRITON_GRPC)
-    p.add_argument(f"--{prefix}http-port", type=int, default=ports.TRITON_HTTP)
-    p.add_argument(f"--{prefix}metrics-port", type=int, default=ports.TRITON_METRICS)
-    p.add_argument(f"--{prefix}log", type=Path, help="tritonserver's log file (default: in a temporary folder)")
-    p.add_argument("--max-restarts", type=int, default=RestartPolicy.max_failures,
-                   help="give up (exit 1) after Triton failed this many times in a row")
-
-
-def triton_settings(args, repo: Path, host: str, prefix: str = ""):
-    from shelfsight.tritonserver import TritonSettings, free_port
-
-    def port(name):
-        return getattr(args, f"{prefix}{name}_port") or free_port()
-    return TritonSettings(repo=repo, host=host, grpc_port=port("grpc"), http_port=port("http"),
-                          metrics_port=port("metrics"), log_path=getattr(args, f"{prefix}log"))
-
-
-def _logging() -> None:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
 def cmd_gateway(args) -> int:
     from shelfsight.gateway.server import serve_forever
 
-    _logging()
+    configure_logging()
     settings = settings_from(args, args.triton)
     asyncio.run(serve_forever(settings, ready=lambda gw: print(
         f"gateway ready on {settings.host}:{gw.port} (metrics :{gw.metrics_port})", flush=True)))
     return 0
-
-
-def cmd_serve(args) -> int:
-    _logging()
-    with tempfile.TemporaryDirectory(prefix="shelfsight-serve-") as work:
-        repo = args.repo
-        if repo is None:
-            from shelfsight.export.cli import repository_job
-            from shelfsight.export.repository import build
-
-            repo = Path(work) / "repository"
-            build(repository_job(args, args.model, repo))
-        rc = asyncio.run(_serve(args, triton_settings(args, repo, "127.0.0.1", prefix="triton_")))
-    print("stopped" if rc == 0 else f"stopped with errors (exit code {rc})", flush=True)
-    return rc
-
-
-async def _serve(args, triton_config) -> int:
-    """Triton under a supervisor, the gateway in front; SIGTERM stops the gateway first (in-flight
-    requests finish), then Triton. Giving up on Triton stops everything with exit code 1."""
-    import signal
-
-    from shelfsight.gateway.server import Gateway
-    from shelfsight.supervisor import RestartPolicy, Supervisor
-
-    stop, triton_stop = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up must not kill us half-way
-        loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(triton_config, RestartPolicy(max_failures=args.max_restarts))
-    triton = await asyncio.to_thread(supervisor.start)
-    if stop.is_set():  # stopped while Triton was starting: nothing else to start
-        await asyncio.to_thread(triton.stop)
-        return 0
-    settings = settings_from(args, triton.grpc_url)
-    try:
-        gateway = await Gateway(settings).start()
-    except BaseException:
-        await asyncio.to_thread(triton.stop)
-        raise
-    supervisor.on_down = gateway.upstream.mark_broken
-    supervisor.on_up = lambda server: gateway.upstream.poke()
-    ui = None
-    if args.ui_port is not None:
-        from shelfsight.ui.cli import start_beside
-
-        try:
-            ui = await asyncio.to_thread(start_beside, f"127.0.0.1:{gateway.port}", args.ui_port, args.host)
-        except BaseException:
-            await gateway.stop()
-            await asyncio.to_thread(triton.stop)
-            raise
-    print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
-          f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
-          + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
-    watch = asyncio.create_task(supervisor.run(triton_stop))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    rc = 0
-    if watch.done() and watch.exception() is not None:
-        logging.getLogger("shelfsight.serve").error("%s", watch.exception())
-        rc = 1
-    logging.getLogger("shelfsight.serve").info("shutting down: finishing in-flight requests")
-    stopping.cancel()
-    if ui:
-        ui.close()
-    await gateway.stop()
-    triton_stop.set()
-    try:
-        await watch
-    except Exception:  # noqa: BLE001 - already reported above
-        pass
-    return rc or triton_exit(supervisor)
-
-
-def triton_exit(supervisor) -> int:
-    """0 when the last tritonserver stopped cleanly, else 1 (and why, from its log)."""
-    if supervisor.exit_code in (0, None):
-        return 0
-    print(f"tritonserver exited with code {supervisor.exit_code}:\n{supervisor.server.log_tail(10)}",
-          file=sys.stderr, flush=True)
-    return 1

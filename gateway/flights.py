@@ -12,7 +12,7 @@ import itertools
 from typing import AsyncIterator, Awaitable, Callable
 
 from shelfsight.errors import ResourceExhausted
-from shelfsight.pipeline import Answer
+from shelfsight.serving.pipeline import Answer
 
 
 class Flight:

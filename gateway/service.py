@@ -15,7 +15,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from shelfsight import imaging, params
+from shelfsight import params
+
+from shelfsight.model import imaging
 from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
@@ -23,7 +25,7 @@ from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.pipeline import Answer, Delta
+from shelfsight.serving.pipeline import Answer, Delta
 from shelfsight.protos import pb, pb_grpc
 
 logger = logging.getLogger("shelfsight.gateway")

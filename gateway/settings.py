@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shelfsight import ports
-
-
 @dataclass(frozen=True)
 class CacheSettings:
     enabled: bool = True

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 from shelfsight.errors import ShelfsightError, Unavailable
-from shelfsight.imaging import ImageLimits
+from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
-from shelfsight.pipeline import PipelineClient
+from shelfsight.serving.pipeline import PipelineClient
 
 log = logging.getLogger("shelfsight.gateway")
 T = TypeVar("T")

@@ -15,7 +15,6 @@ import random
 from PIL import Image
 
 from shelfsight import synth
-
 SIZE = (448, 448)
 
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1

@@ -57,7 +57,7 @@ def make_repository(checkpoint: Path, out: Path, **overrides) -> Path:
 
 @contextlib.contextmanager
 def running_triton(repo: Path):
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     server = TritonServer(TritonSettings(repo=repo, startup_timeout=240))
     server.start()

@@ -21,9 +21,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shelfsight.cli import build_parser
+from shelfsight.app.cli import build_parser
 from shelfsight.params import Limits
-from shelfsight.tritonserver import TritonServer, TritonSettings
+from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -7,12 +7,14 @@ import threading
 import pytest
 import torch
 
-from shelfsight import errors, imaging, params
-from shelfsight.checkpoint import load_model
+from shelfsight import errors, params
+
+from shelfsight.model import imaging
+from shelfsight.model.checkpoint import load_model
 from shelfsight.engine import Engine, EngineConfig, Request
 from shelfsight.errors import InvalidArgument, ResourceExhausted
 from shelfsight.params import GenerationParams
-from shelfsight.preprocessing import load_preprocessor
+from shelfsight.model.preprocessing import load_preprocessor
 from tests import imagefiles
 
 SIZES = [(448, 448), (320, 640), (800, 600), (256, 256), (500, 333), (640, 640), (300, 900), (1024, 768)]

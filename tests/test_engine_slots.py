@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shelfsight import errors, sampling
-from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight import errors
+
+from shelfsight.engine import sampling
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine import Engine, EngineConfig, Request
 from shelfsight.engine.batch import Row
 from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
@@ -184,8 +186,8 @@ def test_slots_are_reused_after_finish_cancel_and_failure(setup):
 
 
 def test_fused_int4_linears_equal_their_parts():
-    from shelfsight.gptq import rtn_quantize
-    from shelfsight.qlinear import Int4Linear, fuse
+    from shelfsight.model.gptq import rtn_quantize
+    from shelfsight.model.qlinear import Int4Linear, fuse
 
     torch.manual_seed(0)
     x = torch.randn(5, 256)

@@ -18,7 +18,7 @@ import pytest
 
 from shelfsight import errors
 from shelfsight.client import ShelfsightClient
-from shelfsight.tritonserver import free_port
+from shelfsight.serving.tritonserver import free_port
 from tests import imagefiles
 from tests.conftest import ROOT, make_repository, scrape
 

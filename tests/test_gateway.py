@@ -331,7 +331,7 @@ def test_triton_down_then_back_with_another_model(tiny_checkpoint, tmp_path):
     recover), then back with another checkpoint: the gateway answers within 2 s of Triton being ready,
     and its answers and cache keys carry the new model's id."""
     from shelfsight.export import tiny
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     repo = make_repository(tiny_checkpoint, tmp_path / "repo")
     other = tmp_path / "other-ckpt"

@@ -15,7 +15,7 @@ import yaml
 
 from shelfsight.client import ShelfsightClient
 from shelfsight.errors import InvalidArgument
-from shelfsight.tritonserver import free_port
+from shelfsight.serving.tritonserver import free_port
 from tests import imagefiles
 from tests.conftest import ROOT, scrape
 

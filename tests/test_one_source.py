@@ -1,5 +1,5 @@
 """Each fact has one home: the generation parameters (shelfsight/params.py), the Triton contract's names
-(shelfsight/contract.py), the device presets (shelfsight/engine/config.py), the ports
+(shelfsight/serving/contract.py), the device presets (shelfsight/engine/config.py), the ports
 (shelfsight/ports.py) and every command's defaults (the settings objects the flags fill)."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shelfsight import contract, params, ports
-from shelfsight.cli import build_parser
+from shelfsight import params, ports
+
+from shelfsight.serving import contract
+from shelfsight.app.cli import build_parser
 from shelfsight.engine import PRESETS
 from shelfsight.errors import InvalidArgument
 from shelfsight.params import GenerationParams
@@ -114,7 +116,7 @@ def test_serve_flags_default_to_the_settings_they_fill(tmp_path):
     from shelfsight.export.cli import repository_job
     from shelfsight.export.repository import RepositoryJob
     from shelfsight.gateway.settings import GatewaySettings
-    from shelfsight.supervisor import RestartPolicy
+    from shelfsight.serving.supervisor import RestartPolicy
 
     args = parse("serve", "--model", str(tmp_path))
     assert repository_job(args, tmp_path, tmp_path / "out") == RepositoryJob(model=tmp_path, out=tmp_path / "out")

@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from shelfsight import imaging, params, qwen
+from shelfsight import params
+
+from shelfsight.model import imaging, qwen
 from shelfsight.errors import InvalidArgument
-from shelfsight.preprocessing import load_preprocessor
+from shelfsight.model.preprocessing import load_preprocessor
 from tests import imagefiles
 
 MIN_PIXELS, MAX_PIXELS = 65_536, 1_048_576

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shelfsight import checkpoint, gptq, qlinear
+from shelfsight.model import checkpoint, gptq, qlinear
 from tests.conftest import shelfsight
 
 
@@ -226,7 +226,6 @@ def test_unreadable_calibration_image(tiny_checkpoint, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
     from shelfsight import synth
-
     for i, (img, *_rest) in enumerate(synth.samples(4, seed=3)):
         img.save(calib / f"{i}.png")
     (calib / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

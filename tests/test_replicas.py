@@ -12,9 +12,9 @@ from shelfsight.errors import InvalidArgument, Unavailable
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas, parse_targets, resolve
 from shelfsight.gateway.upstream import ModelInfo
-from shelfsight.imaging import ImageLimits
+from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
-from shelfsight.tritonserver import free_port
+from shelfsight.serving.tritonserver import free_port
 from tests.conftest import run
 
 

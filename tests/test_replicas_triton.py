@@ -12,7 +12,7 @@ import pytest
 from shelfsight import errors
 from shelfsight.client import ShelfsightClient
 from shelfsight.gateway.settings import CacheSettings
-from shelfsight.tritonserver import TritonServer, TritonSettings
+from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 from tests.conftest import running_gateway, scrape
 from tests.test_gateway import GREEDY, metric, photo, redis_url, target  # noqa: F401 - redis_url is a fixture
 

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from shelfsight import sampling
-from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight.engine import sampling
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.params import GenerationParams
 
 

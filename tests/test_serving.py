@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from shelfsight import errors, imaging
-from shelfsight.checkpoint import load_model
-from shelfsight.pipeline import PipelineClient
+from shelfsight import errors
+
+from shelfsight.model import imaging
+from shelfsight.model.checkpoint import load_model
+from shelfsight.serving.pipeline import PipelineClient
 from tests import imagefiles
 from tests.conftest import ROOT, make_repository, run, running_triton, scrape
 
@@ -206,7 +208,7 @@ def test_launcher_fails_fast_with_the_reason(tiny_checkpoint, tmp_path):
     repo = make_repository(tiny_checkpoint, tmp_path / "repo")
     manifest = (repo / "shelfsight.json").read_text().replace(str(tiny_checkpoint), str(tmp_path / "gone"))
     (repo / "shelfsight.json").write_text(manifest)
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     t0 = time.monotonic()
     with pytest.raises(errors.Unavailable) as info:
@@ -217,7 +219,7 @@ def test_launcher_fails_fast_with_the_reason(tiny_checkpoint, tmp_path):
 
 def test_triton_command_stops_cleanly_on_sigterm(tiny_checkpoint, tmp_path):
     repo = make_repository(tiny_checkpoint, tmp_path / "repo")
-    from shelfsight.tritonserver import free_port
+    from shelfsight.serving.tritonserver import free_port
 
     proc = subprocess.Popen([sys.executable, "-m", "shelfsight", "triton", "--repo", str(repo),
                              "--grpc-port", str(free_port()), "--http-port", str(free_port()),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.export import tiny
 
 

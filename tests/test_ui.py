@@ -265,7 +265,7 @@ def test_a_batch_of_six_fills_the_table_and_downloads_as_csv(page, browser, tmp_
 
 
 def test_the_page_says_when_the_gateway_is_down_and_recovers(browser, triton, tmp_path):
-    from shelfsight.tritonserver import free_port
+    from shelfsight.serving.tritonserver import free_port
     from shelfsight.ui.cli import start_beside
 
     port = free_port()

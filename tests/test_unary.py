@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from shelfsight.pipeline import PipelineClient
+from shelfsight.serving.pipeline import PipelineClient
 from tests import imagefiles
 from tests.conftest import ROOT, run
 

@@ -298,6 +298,6 @@ def launch(settings: UISettings, block: bool = True) -> gr.Blocks:
 
 
 def _free_port() -> int:
-    from shelfsight.tritonserver import free_port
+    from shelfsight.serving.tritonserver import free_port
 
     return free_port()

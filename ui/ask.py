@@ -1,6 +1,6 @@
 """The Ask tab's logic, free of Gradio: check a photo, stream an answer, word errors, keep history.
 
-A person sees the photo as the model sees it (shelfsight.imaging.decode: EXIF orientation, RGB, the
+A person sees the photo as the model sees it (shelfsight.model.imaging.decode: EXIF orientation, RGB, the
 study's enhancement when asked), the answer as it is written, and beside it where it came from.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Iterator
 
 from PIL import Image
 
-from shelfsight import errors, imaging
+from shelfsight import errors
+
+from shelfsight.model import imaging
 from shelfsight.client.client import ShelfsightClient
 from shelfsight.evaluation.run import QUESTION as STRUCTURED_QUESTION
 from shelfsight.params import GenerationParams

@@ -38,9 +38,9 @@ def write_int4(src: Path, dst: Path, device: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from shelfsight import checkpoint
+    from shelfsight.model import checkpoint
     from shelfsight.export.quantize import copy_side_files
-    from shelfsight.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
+    from shelfsight.model.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
 
     out = {}
     for name, t in checkpoint.read_tensors(src).items():
@@ -76,9 +76,10 @@ def stage_engine(args) -> None:
     import torch
 
     from engine import make_engine, requests, run_engine, run_generate
-    from shelfsight import imaging, params
-    from shelfsight.checkpoint import load_model
-    from shelfsight.preprocessing import PixelPolicy, Preprocessor
+    from shelfsight import params
+    from shelfsight.model import imaging
+    from shelfsight.model.checkpoint import load_model
+    from shelfsight.model.preprocessing import PixelPolicy, Preprocessor
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def stage_engine(args) -> None:
 
 async def _stream_level(url: str, images: list[bytes], concurrency: int, new_tokens: int) -> dict:
     from shelfsight import synth
-    from shelfsight.pipeline import PipelineClient
+    from shelfsight.serving.pipeline import PipelineClient
 
     client = PipelineClient(url)
     queue = list(enumerate(images))
@@ -158,7 +159,7 @@ async def _stream_level(url: str, images: list[bytes], concurrency: int, new_tok
 def stage_triton(args) -> None:
     from pipeline import photos  # bench/pipeline.py: the same photos as the pipeline bench
     from shelfsight.export.repository import RepositoryJob, build
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
     levels = [int(c) for c in args.concurrency.split(",")]
     repo = Path(tempfile.mkdtemp(prefix=f"gpu-repo-{args.scheme}-"))

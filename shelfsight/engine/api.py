@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.errors import ShelfsightError
 from shelfsight.params import GenerationParams
 

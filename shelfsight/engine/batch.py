@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.api import Request
 
 

@@ -16,8 +16,10 @@ import threading
 
 import torch
 
-from shelfsight import qwen, sampling
-from shelfsight.detokenize import IncrementalDetokenizer
+from shelfsight.engine import sampling
+
+from shelfsight.model import qwen
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.api import Observer, Request, SafeObserver
 from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Batch, Row

@@ -25,7 +25,7 @@ from torch import nn
 from shelfsight.engine import kernels
 from shelfsight.engine.kernels import rms_norm_ref as rms_norm
 from shelfsight.engine.kernels import rotate_half
-from shelfsight.qlinear import fuse
+from shelfsight.model.qlinear import fuse
 
 
 @dataclass

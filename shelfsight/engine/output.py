@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.engine.api import SafeObserver
 from shelfsight.engine.batch import Row
 from shelfsight.errors import Cancelled

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.engine.api import Request
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shelfsight import sampling
+from shelfsight.engine import sampling
 from shelfsight.engine.batch import Row
 from shelfsight.engine.prefill import Prefilled
 

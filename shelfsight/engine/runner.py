@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from shelfsight import sampling
+from shelfsight.engine import sampling
 from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Row
 from shelfsight.engine.decoder import Decoder

@@ -20,9 +20,9 @@ import threading
 import time
 
 
-from shelfsight import contract
+from shelfsight.serving import contract
 from shelfsight.errors import Internal
-from shelfsight.tritonpy import answer, error_response
+from shelfsight.serving.tritonpy import answer, error_response
 
 import triton_python_backend_utils as pb_utils
 

@@ -6,13 +6,13 @@ sender, the last response flagged final. Engine metrics are exported as Triton c
 """
 import torch
 
-from shelfsight import contract
-from shelfsight import manifest as manifest_mod
-from shelfsight.checkpoint import load_model
+from shelfsight.serving import contract
+from shelfsight.serving import manifest as manifest_mod
+from shelfsight.model.checkpoint import load_model
 from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
 from shelfsight.params import GenerationParams
-from shelfsight.tritonpy import answer, array, error_response, model_dir_repo, scalar
+from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar
 
 import triton_python_backend_utils as pb_utils
 

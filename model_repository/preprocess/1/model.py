@@ -1,6 +1,6 @@
 """Triton adapter: image bytes + question (+ optional parameters) -> model inputs.
 
-The work is shelfsight.preprocessing.Preprocessor; this file only moves tensors. Requests of one
+The work is shelfsight.model.preprocessing.Preprocessor; this file only moves tensors. Requests of one
 batch are processed on a small thread pool (Pillow and torch release the GIL while decoding and
 resizing). A bad request gets its own error; the rest of the batch is unaffected.
 """
@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from shelfsight import contract, params
-from shelfsight import manifest as manifest_mod
+from shelfsight import params
+
+from shelfsight.serving import contract
+from shelfsight.serving import manifest as manifest_mod
 from shelfsight.errors import InvalidArgument
-from shelfsight.preprocessing import load_preprocessor
-from shelfsight.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
+from shelfsight.model.preprocessing import load_preprocessor
+from shelfsight.serving.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
 
 import triton_python_backend_utils as pb_utils
 

@@ -22,7 +22,9 @@ import torch
 from torchvision.transforms.v2 import functional as tvF
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from shelfsight import imaging, params, qwen
+from shelfsight import params
+
+from shelfsight.model import imaging, qwen
 from shelfsight.errors import InvalidArgument
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shelfsight.engine.config import EngineConfig
 from shelfsight.errors import FailedPrecondition
-from shelfsight.imaging import ImageLimits
+from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
 
 FILENAME = "shelfsight.json"

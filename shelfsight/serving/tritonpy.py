@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from shelfsight import contract
+from shelfsight.serving import contract
 from shelfsight.errors import InvalidArgument, ShelfsightError
 
 # gRPC status name -> TritonError code (Triton has no RESOURCE_EXHAUSTED; the text keeps the name)

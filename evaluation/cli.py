@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 from shelfsight import ports
-
-
 def register(sub) -> None:
     ds = sub.add_parser("dataset", help="evaluation datasets")
     dsub = ds.add_subparsers(dest="dataset_command", required=True, parser_class=type(ds))

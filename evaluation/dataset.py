@@ -15,7 +15,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shelfsight import imaging, synth
+from shelfsight import synth
+
+from shelfsight.model import imaging
 from shelfsight.errors import InvalidArgument, NotFound
 
 MANIFEST = "manifest.jsonl"

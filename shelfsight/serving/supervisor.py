@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shelfsight.errors import ShelfsightError, Unavailable
-from shelfsight.tritonserver import TritonServer, TritonSettings
+from shelfsight.serving.tritonserver import TritonServer, TritonSettings
 
-log = logging.getLogger("shelfsight.supervisor")
+log = logging.getLogger("shelfsight.serving.supervisor")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""Client side of the Triton `pipeline` / `pipeline_stream` contract (names in shelfsight/contract.py).
+"""Client side of the Triton `pipeline` / `pipeline_stream` contract (names in shelfsight/serving/contract.py).
 
     inputs   IMAGE UINT8 [-1], QUESTION BYTES [1]; optional SYSTEM BYTES, one input per generation
              parameter (MAX_NEW_TOKENS INT32, TEMPERATURE FP32, ...: params.RULES), ENHANCE BOOL
     outputs  TEXT BYTES, PROMPT_TOKENS INT32, COMPLETION_TOKENS INT32, FINISH_REASON BYTES ("stop"|"length")
 
 Used by the gateway's upstream, the benchmarks and the tests. Errors come back typed: the status name
-the models put in front of their message (shelfsight/tritonpy.py) wins over Triton's gRPC status,
+the models put in front of their message (shelfsight/serving/tritonpy.py) wins over Triton's gRPC status,
 which an ensemble reports as INTERNAL or INVALID_ARGUMENT whatever the cause.
 """
 from __future__ import annotations
@@ -21,8 +21,10 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from shelfsight import contract, errors
-from shelfsight.contract import OUTPUTS, STREAM, UNARY
+from shelfsight import errors
+
+from shelfsight.serving import contract
+from shelfsight.serving.contract import OUTPUTS, STREAM, UNARY
 
 NUMPY_TYPE = {"BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
 _GRPC_STATUS = {"UNAVAILABLE": errors.Unavailable, "DEADLINE_EXCEEDED": errors.DeadlineExceeded,

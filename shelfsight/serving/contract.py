@@ -1,14 +1,13 @@
 """The Triton contract in names, written once: the public inputs and outputs of `pipeline` and
 `pipeline_stream`, and the tensors `preprocess` hands to `generate`.
 
-Imported by the client side (shelfsight/pipeline.py), the model adapters (model_repository/*/1/model.py)
+Imported by the client side (shelfsight/serving/pipeline.py), the model adapters (model_repository/*/1/model.py)
 and the repository builder (export/repository.py), which renders the parameter inputs of the ensemble
 configs from here. Only names and types: no Triton, tritonclient or numpy import, so it loads anywhere.
 """
 from __future__ import annotations
 
 from shelfsight import params
-
 UNARY, STREAM = "pipeline", "pipeline_stream"
 ANSWERS_FROM = {UNARY: "collect", STREAM: "generate"}  # the ensemble's second step
 

@@ -1,10 +1,10 @@
 """A Qwen3-VL checkpoint directory: what it is (bf16 / int8 / int4 GPTQ), its fingerprint, and loading
 it for inference through the standard transformers classes.
 
-Quantized checkpoints are standard GPTQ (shelfsight/gptq.py). They load without GPTQModel: transformers
+Quantized checkpoints are standard GPTQ (shelfsight/model/gptq.py). They load without GPTQModel: transformers
 builds the model from config.json minus its quantization block (the unquantized tensors - vision tower,
 embedding, norms - load as usual), then each text-decoder linear is replaced by a module over torch's
-own weight-only kernels (shelfsight/qlinear.py).
+own weight-only kernels (shelfsight/model/qlinear.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shelfsight import qwen
+from shelfsight.model import qwen
 from shelfsight.errors import FailedPrecondition, InvalidArgument, NotFound
 
 WEIGHT_SUFFIX = ".safetensors"
@@ -101,7 +101,7 @@ def quantized_modules(path: Path, bits: int) -> dict:
     """{module name: QuantizedTensor} for every GPTQ-packed linear in the checkpoint."""
     from safetensors import safe_open
 
-    from shelfsight.gptq import unpack
+    from shelfsight.model.gptq import unpack
 
     groups: dict[str, dict] = {}
     for f in weight_files(path):
@@ -123,8 +123,8 @@ def load_model(path: str | Path, device: str = "cpu", reference: bool = False, d
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
-    from shelfsight.gptq import is_decoder_linear
-    from shelfsight.qlinear import make_linear
+    from shelfsight.model.gptq import is_decoder_linear
+    from shelfsight.model.qlinear import make_linear
 
     info = inspect(path)
     dev = torch.device(device)

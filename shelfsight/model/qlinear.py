@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from shelfsight.errors import FailedPrecondition
-from shelfsight.gptq import QuantizedTensor
+from shelfsight.model.gptq import QuantizedTensor
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 

@@ -50,7 +50,7 @@ def main() -> int:
     from shelfsight.export.repository import RepositoryJob, build
     from shelfsight.gateway.server import Gateway
     from shelfsight.gateway.settings import GatewaySettings
-    from shelfsight.tritonserver import TritonServer, TritonSettings
+    from shelfsight.serving.tritonserver import TritonServer, TritonSettings
     from shelfsight.ui.cli import start_beside
 
     t_start = time.perf_counter()
