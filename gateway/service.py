@@ -20,7 +20,7 @@ from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.gateway.validate import Checked, validate
+from shelfsight.gateway.validate import Checked, request_id, validate
 from shelfsight.pipeline import Answer, Delta
 from shelfsight.protos import pb, pb_grpc
 
@@ -39,16 +39,16 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
     # ---- edge validation ----
     def check(self, request) -> Checked:
         """The request checked against what the served model allows (gateway/validate.py), counted and
-        put in the call's log line. UNAVAILABLE first while no replica is ready: its limits are the rules."""
+        put in the call's log line. The id first, so that every log line names its call, even one
+        refused as UNAVAILABLE while no replica is ready (the served model's limits are the rules)."""
+        log = CALL_LOG.get({})
+        rid = request_id(request.request_id) or uuid.uuid4().hex
+        log["request_id"] = rid
         info = self.upstream.model()
         self.metrics.image_bytes.observe(len(request.image))  # refused images too: what clients send
-        log = CALL_LOG.get({})
         log["image_bytes"] = len(request.image)
         c = validate(request, info.limits, info.image_limits, info.generation)
-        if c.request_id is None:
-            c = dataclasses.replace(c, request_id=uuid.uuid4().hex)
-        log["request_id"] = c.request_id
-        return c
+        return dataclasses.replace(c, request_id=rid)
 
     def _cacheable(self, c: Checked) -> bool:
         s = self.settings.cache

@@ -49,7 +49,8 @@ class ModelInfo:
 
 @functools.cache
 def _probe_image() -> bytes:
-    """A 64x64 grey PNG: the smallest real picture the pipeline accepts."""
+    """A 64x64 grey PNG: a real picture every stage accepts, small to send (preprocess enlarges it to
+    the model's minimum size)."""
     from PIL import Image
 
     buf = io.BytesIO()

@@ -33,13 +33,18 @@ class Checked:
     request_id: str | None  # None: the client sent none (the service names the call)
 
 
+def request_id(given: str) -> str | None:
+    """The client's request id, checked; None when it sent none."""
+    if given and not REQUEST_ID.fullmatch(given):
+        raise InvalidArgument("request_id must be 1-128 characters of letters, digits and . _ : / + = @ -")
+    return given or None
+
+
 def validate(request, limits: Limits, image_limits: ImageLimits, defaults: GenerationParams) -> Checked:
     """`request` (pb.RecognizeRequest) checked against the served model's text and image limits,
     its absent generation parameters taken from `defaults`. Raises InvalidArgument, the first rule
     broken: request id, image, question, system prompt, generation parameters, cache policy."""
-    rid = request.request_id or None
-    if rid is not None and not REQUEST_ID.fullmatch(rid):
-        raise InvalidArgument("request_id must be 1-128 characters of letters, digits and . _ : / + = @ -")
+    rid = request_id(request.request_id)
     # The bytes alone (empty, too large, not a known format): decoding is Triton's preprocess step.
     imaging.check_encoded(request.image, image_limits)
     params.check_text("question", request.question, limits.max_question_chars, required=True)

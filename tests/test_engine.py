@@ -173,11 +173,11 @@ def test_queue_bound(tiny_checkpoint, setup):
         submit(small, pre, data, "q", p)
 
 
-def test_vision_cache_reuses_features_without_changing_answers(setup):
+def test_vision_cache_reuses_features_without_changing_answers(setup, monkeypatch):
     _, _, pre, engine = setup
     hits = []
-    engine.observer._inner.vision_cache = hits.append
-    engine.vision_cache = type(engine.vision_cache)(64 << 20)
+    monkeypatch.setattr(engine.observer.inner, "vision_cache", hits.append)
+    monkeypatch.setattr(engine, "vision_cache", type(engine.vision_cache)(64 << 20))
     data, p = images()[5], GenerationParams(max_new_tokens=12, temperature=0.0)
     first = submit(engine, pre, data, QUESTIONS[2], p)
     assert first.done.wait(60)

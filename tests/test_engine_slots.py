@@ -178,7 +178,7 @@ def test_slots_are_reused_after_finish_cancel_and_failure(setup):
         assert all(isinstance(c.error, errors.Cancelled) for c in cancelled)
         assert [s.text for s in again] == expected
         assert engine.load() == (0, 0)
-        assert sorted(engine.scheduler._free) == [0, 1, 2]
+        assert engine.scheduler.free == [0, 1, 2]
     finally:
         engine.stop()
 

@@ -111,19 +111,27 @@ def test_refresh_replaces_the_cached_answer(gateway):
     with ShelfsightClient(target(gateway)) as c:
         c.recognize(photo(20), q, **GREEDY)
         key = _only_new_key(store, lambda: c.recognize(photo(21), q, **GREEDY))
-        created = json.loads(store._entries[key][0])["created"]
+        created = _stored(gateway, key).created
         time.sleep(0.05)
         refreshed = c.recognize(photo(21), q, cache="refresh", **GREEDY)
         assert refreshed.cache_status == "miss"
-        assert json.loads(store._entries[key][0])["created"] > created
+        assert _stored(gateway, key).created > created
         assert c.recognize(photo(21), q, **GREEDY).cache_status == "exact"
 
 
 def _only_new_key(store, action):
-    before = set(store._entries)
+    before = set(store.keys())
     action()
-    (key,) = set(store._entries) - before
+    (key,) = set(store.keys()) - before
     return key
+
+
+def _stored(gw, key: str):
+    """The answer the gateway's store holds under `key`, read on the gateway's own loop."""
+    from shelfsight.gateway.cache import CachedAnswer
+
+    raw = asyncio.run_coroutine_threadsafe(gw.cache.store.get(key), gw.loop).result(10)
+    return CachedAnswer.decode(raw)
 
 
 def test_answers_at_the_serving_defaults_are_cached(gateway):

@@ -10,7 +10,7 @@ import pytest
 
 from shelfsight import params, qwen
 from shelfsight.errors import InvalidArgument
-from shelfsight.gateway.validate import Checked, validate
+from shelfsight.gateway.validate import Checked, request_id, validate
 from shelfsight.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
 from shelfsight.protos import pb
@@ -59,8 +59,9 @@ def test_request_id_pattern(rid):
     assert refused(request_id=rid) == "request_id must be 1-128 characters of letters, digits and . _ : / + = @ -"
 
 
-def test_request_id_at_the_limit_is_kept():
+def test_request_id_at_the_limit_is_kept_and_an_empty_one_is_absent():
     assert check(request_id="a" * 128).request_id == "a" * 128
+    assert request_id("") is None and request_id("x") == "x"
 
 
 IMAGES = {

@@ -80,6 +80,11 @@ class SafeObserver:
     def __init__(self, inner: Observer):
         self._inner, self._warned = inner, False
 
+    @property
+    def inner(self) -> Observer:
+        """The observer given to the engine (what it exports; a test may listen on it)."""
+        return self._inner
+
     def __getattr__(self, name):
         method = getattr(self._inner, name)
 
