@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import imaging, params, synth  # noqa: E402
 from shelfsight.engine import Engine, EngineConfig, Request  # noqa: E402
-from shelfsight.params import GenerationParams  # noqa: E402
 from shelfsight.model.preprocessing import Preprocessor, PixelPolicy  # noqa: E402
+from shelfsight.params import GenerationParams  # noqa: E402
 
 
 class Timed:

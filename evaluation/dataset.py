@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shelfsight import synth
-
-from shelfsight.model import imaging
 from shelfsight.errors import InvalidArgument, NotFound
+from shelfsight.model import imaging
 
 MANIFEST = "manifest.jsonl"
 REQUIRED = ("file", "category", "attributes", "ocr_text", "variant")

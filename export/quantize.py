@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shelfsight.model import checkpoint
 from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument
 from shelfsight.export import calibration, fidelity
 from shelfsight.export.staging import Staging
+from shelfsight.model import checkpoint
 
 SCHEMES = {"bf16": None, "int8": (8, -1), "int4": (4, 128)}
 FIDELITY_MAX_PIXELS = calibration.MAX_PIXELS

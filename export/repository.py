@@ -13,14 +13,12 @@ from pathlib import Path
 from string import Template
 
 from shelfsight import params
-
-from shelfsight.model import checkpoint, qwen
-
-from shelfsight.serving import contract, manifest
 from shelfsight.engine import EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
+from shelfsight.model import checkpoint, qwen
 from shelfsight.params import GenerationParams
+from shelfsight.serving import contract, manifest
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 STEPS = ("preprocess", "generate", "collect")  # Python models, each with its model.py adapter

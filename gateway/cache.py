@@ -69,8 +69,8 @@ def _nearest_first(found: list[tuple[tuple[float, int], str]]) -> list[str]:
 
 
 class MemoryStore:
-    """Process-local store: LRU by bytes (answers and thumbnails), TTL per entry, a per-context list of
-    picture hashes."""
+    """Process-local store: LRU by bytes (answers and thumbnails), TTL per entry, the picture
+    signatures of each context."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.used = max_bytes, 0
@@ -118,6 +118,10 @@ class MemoryStore:
             hashes.pop(exact, None)
             if not hashes:
                 del self._by_context[context]
+
+    def keys(self) -> list[str]:
+        """The exact keys held, least recently used first (expired ones until a lookup drops them)."""
+        return list(self._entries)
 
     def stats(self) -> tuple[int, int]:
         return len(self._entries), self.used

@@ -29,6 +29,7 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 
 from shelfsight.errors import InvalidArgument, ModelProcessLost, ShelfsightError, Unavailable
 from shelfsight.gateway.metrics import GatewayMetrics
+from shelfsight.gateway.tasks import Background
 from shelfsight.gateway.upstream import ModelInfo, Upstream
 
 log = logging.getLogger("shelfsight.gateway")
@@ -75,14 +76,14 @@ class Replicas:
         self._targets = list(targets)
         self._turn = itertools.count()
         self._mismatched: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Background()  # the DNS loop, replicas being retired
 
     # ---- membership ----
     async def start(self) -> None:
         if self.dns:
             split_address(self.dns)  # a malformed name fails at start, not silently in the loop
             await self._follow_dns_once()
-            self._spawn(self._follow_dns())
+            self._tasks.spawn(self._follow_dns(), name=f"follow {self.dns}")
         else:
             await self._add_all(self._targets)
 
@@ -107,7 +108,7 @@ class Replicas:
         if gone or any(a not in self.replicas for a in found):
             log.info("%s resolves to %s", self.dns, ", ".join(found) or "nothing")
         for address in gone:
-            self._spawn(self._retire(self.replicas.pop(address)))
+            self._tasks.spawn(self._retire(self.replicas.pop(address)), name=f"retire {address}")
         await self._add_all(found)
 
     async def _follow_dns(self) -> None:
@@ -125,11 +126,6 @@ class Replicas:
             await asyncio.sleep(0.1)
         await replica.close()
         self.metrics.forget_replica(replica.url)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ---- what is served ----
     def _refresh(self) -> None:
@@ -212,6 +208,5 @@ class Replicas:
             r.poke()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
         await asyncio.gather(*(r.close() for r in self.replicas.values()), return_exceptions=True)

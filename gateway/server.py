@@ -20,9 +20,10 @@ from shelfsight.errors import Internal, InvalidArgument, ShelfsightError
 from shelfsight.gateway.cache import ResultCache
 from shelfsight.gateway.malformed import Malformed, lenient
 from shelfsight.gateway.metrics import GatewayMetrics
+from shelfsight.gateway.replicas import Replicas, parse_targets
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
-from shelfsight.gateway.replicas import Replicas, parse_targets
+from shelfsight.gateway.tasks import Background
 from shelfsight.protos import SERVICE, pb, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
@@ -125,6 +126,7 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.health: health.aio.HealthServicer | None = None  # made in start(), inside its event loop
+        self._tasks = Background()  # health updates started from the replicas' (sync) change callback
         self.upstream = Replicas(parse_targets(settings.triton_url) if not settings.triton_dns else (),
                                  settings.health_interval, self.metrics, self._on_upstream,
                                  dns=settings.triton_dns, dns_interval=settings.dns_interval)
@@ -138,7 +140,7 @@ class Gateway:
         self.metrics.upstream_up.set(1 if ready else 0)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
-            asyncio.get_running_loop().create_task(self.health.set(name, status))
+            self._tasks.spawn(self.health.set(name, status), name=f"health {name or 'server'}")
 
     async def start(self) -> "Gateway":
         s = self.settings
@@ -166,6 +168,7 @@ class Gateway:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
+        await self._tasks.close()  # a pending SERVING update must not land after the NOT_SERVING below
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server:

@@ -10,41 +10,25 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
-import re
 import time
 import uuid
-from dataclasses import dataclass
 
-from shelfsight import params
-
-from shelfsight.model import imaging
-from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
-from shelfsight.serving.pipeline import Answer, Delta
+from shelfsight.gateway.validate import Checked, request_id, validate
 from shelfsight.protos import pb, pb_grpc
+from shelfsight.serving.pipeline import Answer, Delta
 
 logger = logging.getLogger("shelfsight.gateway")
 # Fields the service adds to the one log line the interceptor writes per call.
 CALL_LOG: contextvars.ContextVar[dict] = contextvars.ContextVar("call_log")
-REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
 STATUS = {"miss": pb.CACHE_STATUS_MISS, "exact": pb.CACHE_STATUS_EXACT, "perceptual": pb.CACHE_STATUS_PERCEPTUAL,
           "coalesced": pb.CACHE_STATUS_COALESCED}
-
-
-@dataclass(frozen=True)
-class Checked:
-    image: bytes
-    question: str
-    system: str
-    params: params.GenerationParams
-    enhance: bool
-    policy: int
-    request_id: str
 
 
 class ProductVisionService(pb_grpc.ProductVisionServicer):
@@ -54,26 +38,17 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
 
     # ---- edge validation ----
     def check(self, request) -> Checked:
+        """The request checked against what the served model allows (gateway/validate.py), counted and
+        put in the call's log line. The id first, so that every log line names its call, even one
+        refused as UNAVAILABLE while no replica is ready (the served model's limits are the rules)."""
         log = CALL_LOG.get({})
-        rid = request.request_id or uuid.uuid4().hex
-        if not REQUEST_ID.match(rid):
-            raise InvalidArgument("request_id must be 1-128 characters of letters, digits and . _ : / + = @ -")
+        rid = request_id(request.request_id) or uuid.uuid4().hex
         log["request_id"] = rid
-        info = self.upstream.model()  # UNAVAILABLE while no Triton replica is ready
-        self.metrics.image_bytes.observe(len(request.image))
+        info = self.upstream.model()
+        self.metrics.image_bytes.observe(len(request.image))  # refused images too: what clients send
         log["image_bytes"] = len(request.image)
-        imaging.check_encoded(request.image, info.image_limits)
-        params.check_text("question", request.question, info.limits.max_question_chars, required=True)
-        params.check_text("system_prompt", request.system_prompt, info.limits.max_system_chars, required=False)
-        p = request.parameters
-        effective = params.resolve(
-            info.generation, info.limits,
-            **{f: getattr(p, f) for f in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                                          "seed") if p.HasField(f)})
-        if request.cache_policy not in (pb.CACHE_POLICY_USE, pb.CACHE_POLICY_SKIP, pb.CACHE_POLICY_REFRESH):
-            raise InvalidArgument(f"cache_policy {request.cache_policy} is not one of USE, SKIP, REFRESH")
-        return Checked(request.image, request.question, request.system_prompt, effective, request.enhance,
-                       request.cache_policy, rid)
+        c = validate(request, info.limits, info.image_limits, info.generation)
+        return dataclasses.replace(c, request_id=rid)
 
     def _cacheable(self, c: Checked) -> bool:
         s = self.settings.cache

@@ -7,7 +7,7 @@ from shelfsight import ports
 @dataclass(frozen=True)
 class CacheSettings:
     enabled: bool = True
-    max_bytes: int = 256 << 20  # answers kept in memory (text + keys); LRU beyond
+    max_bytes: int = 256 << 20  # the in-memory store: answers, their verification thumbnails, keys; LRU beyond
     ttl_seconds: float = 24 * 3600.0
     perceptual: bool = True
     # The hash only proposes candidates (verify decides): 256-bit pHash within `max_distance` bits and
@@ -44,7 +44,7 @@ class GatewaySettings:
     metrics_host: str = ports.LOCALHOST
     metrics_port: int = ports.GATEWAY_METRICS
     max_in_flight: int = 64  # model calls at once; more -> RESOURCE_EXHAUSTED
-    upstream_timeout: float = 300.0  # when the client sets no deadline
+    upstream_timeout: float = 300.0  # seconds a model call may take; a shorter client deadline shortens it
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
-    health_interval: float = 1.0  # how often Triton's readiness is checked
+    health_interval: float = 1.0  # seconds between readiness checks of a ready Triton (<= 0.25 s while not)
     cache: CacheSettings = field(default_factory=CacheSettings)

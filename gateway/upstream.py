@@ -49,7 +49,8 @@ class ModelInfo:
 
 @functools.cache
 def _probe_image() -> bytes:
-    """A 64x64 grey PNG: the smallest real picture the pipeline accepts."""
+    """A 64x64 grey PNG: a real picture every stage accepts, small to send (preprocess enlarges it to
+    the model's minimum size)."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -91,10 +92,12 @@ class Upstream:
             except Exception as e:  # noqa: BLE001 - not servable until the model says what it is
                 log.warning("triton at %s is up but its pipeline carries no usable info: %s", self.url, e)
                 up = False
-        self._set(up)
+        self.set_ready(up)
         return up
 
-    def _set(self, ready: bool) -> None:
+    def set_ready(self, ready: bool) -> None:
+        """Record whether this Triton can answer (check() and mark_broken() decide; tests set it by
+        hand); `on_change` hears of each change."""
         if ready != self.ready:
             log.info("triton at %s is %s", self.url, "ready" if ready else
                      f"NOT ready{f' ({self.broken})' if self.broken else ''}")
@@ -119,7 +122,7 @@ class Upstream:
         if self.broken is None:
             log.error("triton at %s is broken: %s", self.url, reason)
         self.broken = reason
-        self._set(False)
+        self.set_ready(False)
         for task in self._calls:  # they would never be answered
             if not task.done() and task not in self._cut:
                 self._cut[task] = Unavailable(f"the model server at {self.url} failed ({reason}); retry shortly")

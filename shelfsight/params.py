@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
-from shelfsight.model import qwen
 from shelfsight.errors import InvalidArgument
+from shelfsight.model import qwen
 
 MAX_SEED = 2**63 - 1
 # Chat-control tokens that would let request text forge turns or images; refused in user text.

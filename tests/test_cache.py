@@ -65,8 +65,9 @@ def test_memory_store_bounds_bytes_ttl_and_lru():
             await store.put(key, "ctx", None, b"x" * 100, ttl=60)
         assert await store.get("a") == b"x" * 100  # a is now the most recently used
         await store.put("d", "ctx", None, b"x" * 100, ttl=60)  # evicts the least recently used: b
+        assert store.keys() == ["c", "a", "d"]  # least recently used first
         assert await store.get("b") is None and await store.get("a") and await store.get("d")
-        assert store.stats() == (3, 3 * 356)
+        assert store.keys() == ["c", "a", "d"] and store.stats() == (3, 3 * 356)
         await store.put("e", "ctx", None, b"x" * 10, ttl=-1)  # already expired
         assert await store.get("e") is None
         await store.put("huge", "ctx", None, b"x" * 5000, ttl=60)  # larger than the whole cache

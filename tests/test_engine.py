@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from shelfsight import errors, params
-
-from shelfsight.model import imaging
-from shelfsight.model.checkpoint import load_model
 from shelfsight.engine import Engine, EngineConfig, Request
 from shelfsight.errors import InvalidArgument, ResourceExhausted
-from shelfsight.params import GenerationParams
+from shelfsight.model import imaging
+from shelfsight.model.checkpoint import load_model
 from shelfsight.model.preprocessing import load_preprocessor
+from shelfsight.params import GenerationParams
 from tests import imagefiles
 
 SIZES = [(448, 448), (320, 640), (800, 600), (256, 256), (500, 333), (640, 640), (300, 900), (1024, 768)]
@@ -175,11 +174,11 @@ def test_queue_bound(tiny_checkpoint, setup):
         submit(small, pre, data, "q", p)
 
 
-def test_vision_cache_reuses_features_without_changing_answers(setup):
+def test_vision_cache_reuses_features_without_changing_answers(setup, monkeypatch):
     _, _, pre, engine = setup
     hits = []
-    engine.observer._inner.vision_cache = hits.append
-    engine.vision_cache = type(engine.vision_cache)(64 << 20)
+    monkeypatch.setattr(engine.observer.inner, "vision_cache", hits.append)
+    monkeypatch.setattr(engine, "vision_cache", type(engine.vision_cache)(64 << 20))
     data, p = images()[5], GenerationParams(max_new_tokens=12, temperature=0.0)
     first = submit(engine, pre, data, QUESTIONS[2], p)
     assert first.done.wait(60)

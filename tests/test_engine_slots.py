@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from shelfsight import errors
-
-from shelfsight.engine import sampling
-from shelfsight.engine.detokenize import IncrementalDetokenizer
-from shelfsight.engine import Engine, EngineConfig, Request
+from shelfsight.engine import Engine, EngineConfig, Request, sampling
 from shelfsight.engine.batch import Row
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
 from shelfsight.engine.prefill import VisionCache, prefill, vision
 from shelfsight.engine.reference import ReferenceRunner
@@ -180,7 +178,7 @@ def test_slots_are_reused_after_finish_cancel_and_failure(setup):
         assert all(isinstance(c.error, errors.Cancelled) for c in cancelled)
         assert [s.text for s in again] == expected
         assert engine.load() == (0, 0)
-        assert sorted(engine.scheduler._free) == [0, 1, 2]
+        assert engine.scheduler.free == [0, 1, 2]
     finally:
         engine.stop()
 

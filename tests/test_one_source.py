@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from shelfsight import params, ports
-
-from shelfsight.serving import contract
 from shelfsight.app.cli import build_parser
 from shelfsight.engine import PRESETS
 from shelfsight.errors import InvalidArgument
 from shelfsight.params import GenerationParams
+from shelfsight.serving import contract
 
 
 def test_contract_optional_inputs_are_the_parameters_then_enhance():

@@ -10,9 +10,8 @@ import torch
 from PIL import Image, ImageOps
 
 from shelfsight import params
-
-from shelfsight.model import imaging, qwen
 from shelfsight.errors import InvalidArgument
+from shelfsight.model import imaging, qwen
 from shelfsight.model.preprocessing import load_preprocessor
 from tests import imagefiles
 

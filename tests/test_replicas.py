@@ -28,8 +28,8 @@ def pool(*ids: str | None, changes: list | None = None) -> Replicas:
     for i, model_id in enumerate(ids):
         r = p.add(f"10.0.0.{i + 1}:8001")
         if model_id is not None:
-            r.info, r.ready = info(model_id), True
-    p._refresh()
+            r.info = info(model_id)
+            r.set_ready(True)  # the pool hears of it as from a readiness check
     return p
 
 
@@ -97,8 +97,8 @@ def test_replica_with_another_model_is_left_out_and_said_so(caplog):
 def test_a_tie_keeps_the_model_already_served():
     p = pool("a", None)
     second = list(p.replicas.values())[1]
-    second.info, second.ready = info("b"), True
-    p._refresh()  # one says a, one says b: the pool stays with a
+    second.info = info("b")
+    second.set_ready(True)  # one says a, one says b: the pool stays with a
     assert p.model_id == "a" and p.pick(exclude=[]).info.model_id == "a"
 
 
@@ -109,11 +109,11 @@ def test_health_follows_the_first_and_the_last_ready_replica():
     with pytest.raises(Unavailable, match="10.0.0.1:8001 not ready"):
         p.model()
     a.info = b.info = info("m")
-    a._set(True)
-    b._set(True)
-    a._set(False)
+    a.set_ready(True)
+    b.set_ready(True)
+    a.set_ready(False)
     assert changes == [True]
-    b._set(False)
+    b.set_ready(False)
     assert changes == [True, False] and not p.ready
 
 
@@ -175,3 +175,28 @@ def test_dns_name_adds_and_retires_replicas():
         assert list(p.replicas) == answers[-1]  # a failed lookup keeps the pool
         await p.close()
     run(main())
+
+
+def test_background_tasks_are_held_until_done_and_their_failures_logged(caplog):
+    """The pool's DNS loop and retirements run as Background tasks: referenced while they run (asyncio
+    keeps only a weak reference), a failure logged with the task's name, close() ends the rest."""
+    from shelfsight.gateway.tasks import Background
+
+    async def fail():
+        await asyncio.sleep(0)
+        raise RuntimeError("resolver exploded")
+
+    async def main():
+        tasks, forever = Background(), asyncio.Event()
+        tasks.spawn(fail(), name="follow shelfsight-triton:8001")
+        held = tasks.spawn(forever.wait(), name="retire 10.0.0.1:8001")
+        assert len(tasks) == 2
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(tasks) == 1
+        await tasks.close()
+        assert held.cancelled() and len(tasks) == 0
+    run(main())
+    failed = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failed) == 1 and "follow shelfsight-triton:8001 failed" in failed[0].getMessage()
+    assert "resolver exploded" in caplog.text

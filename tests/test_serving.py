@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from shelfsight import errors
-
 from shelfsight.model import imaging
 from shelfsight.model.checkpoint import load_model
 from shelfsight.serving.pipeline import PipelineClient

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shelfsight.model import qwen
 from shelfsight.export import tiny
+from shelfsight.model import qwen
 
 
 def test_loads_through_auto_classes_and_generates(tiny_checkpoint):

@@ -15,10 +15,9 @@ from typing import Iterator
 from PIL import Image
 
 from shelfsight import errors
-
-from shelfsight.model import imaging
 from shelfsight.client.client import ShelfsightClient
 from shelfsight.evaluation.run import QUESTION as STRUCTURED_QUESTION
+from shelfsight.model import imaging
 from shelfsight.params import GenerationParams
 
 PRESETS = {

@@ -38,8 +38,8 @@ def write_int4(src: Path, dst: Path, device: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from shelfsight.model import checkpoint
     from shelfsight.export.quantize import copy_side_files
+    from shelfsight.model import checkpoint
     from shelfsight.model.gptq import is_decoder_linear, pack, quantization_config, rtn_quantize
 
     out = {}

@@ -9,8 +9,8 @@ from typing import Protocol
 
 import torch
 
-from shelfsight.model import qwen
 from shelfsight.errors import ShelfsightError
+from shelfsight.model import qwen
 from shelfsight.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class Observer:
 class SafeObserver:
     def __init__(self, inner: Observer):
         self._inner, self._warned = inner, False
+
+    @property
+    def inner(self) -> Observer:
+        """The observer given to the engine (what it exports; a test may listen on it)."""
+        return self._inner
 
     def __getattr__(self, name):
         method = getattr(self._inner, name)

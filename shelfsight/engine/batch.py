@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.api import Request
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 
 
 @dataclass

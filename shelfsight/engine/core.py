@@ -17,16 +17,15 @@ import threading
 import torch
 
 from shelfsight.engine import sampling
-
-from shelfsight.model import qwen
-from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.api import Observer, Request, SafeObserver
-from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Batch, Row
+from shelfsight.engine.config import EngineConfig
+from shelfsight.engine.detokenize import IncrementalDetokenizer
 from shelfsight.engine.output import CANCELLED, OutputStage
 from shelfsight.engine.prefill import VisionCache, prefill, vision
 from shelfsight.engine.scheduler import Scheduler
 from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.model import qwen
 
 log = logging.getLogger(__name__)
 RUNNERS = ("slots", "reference")

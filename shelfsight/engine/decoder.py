@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelfsight.engine import kernels
-from shelfsight.engine.kernels import rms_norm_ref as rms_norm
-from shelfsight.engine.kernels import rotate_half
+from shelfsight.engine.kernels import rms_norm_ref as rms_norm, rotate_half
 from shelfsight.model.qlinear import fuse
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from shelfsight.model import qwen
 from shelfsight.engine.api import SafeObserver
 from shelfsight.engine.batch import Row
 from shelfsight.errors import Cancelled
+from shelfsight.model import qwen
 
 CANCELLED = Cancelled("the client cancelled the request")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shelfsight.model import qwen
 from shelfsight.engine.api import Request
+from shelfsight.model import qwen
 
 
 class VisionCache:

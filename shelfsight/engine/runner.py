@@ -19,8 +19,8 @@ import logging
 import torch
 
 from shelfsight.engine import sampling
-from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.batch import Row
+from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.decoder import Decoder
 from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
 from shelfsight.engine.prefill import Prefilled

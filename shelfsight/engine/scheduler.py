@@ -29,6 +29,11 @@ class Scheduler(Generic[R]):
     def running(self) -> int:
         return len(self._owned)
 
+    @property
+    def free(self) -> list[int]:
+        """The slots no request owns, lowest first."""
+        return sorted(self._free)
+
     def enqueue(self, req: R) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise ResourceExhausted(f"{len(self.waiting)} requests already wait for the model; retry later")

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shelfsight.model import qwen
 from shelfsight.errors import FailedPrecondition, InvalidArgument, NotFound
+from shelfsight.model import qwen
 
 WEIGHT_SUFFIX = ".safetensors"
 # Files that define a checkpoint's behaviour; their bytes make its fingerprint.

@@ -23,9 +23,8 @@ from torchvision.transforms.v2 import functional as tvF
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from shelfsight import params
-
-from shelfsight.model import imaging, qwen
 from shelfsight.errors import InvalidArgument
+from shelfsight.model import imaging, qwen
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from shelfsight import errors
-
 from shelfsight.serving import contract
 from shelfsight.serving.contract import OUTPUTS, STREAM, UNARY
 

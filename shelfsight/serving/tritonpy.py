@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from shelfsight.serving import contract
 from shelfsight.errors import InvalidArgument, ShelfsightError
+from shelfsight.serving import contract
 
 # gRPC status name -> TritonError code (Triton has no RESOURCE_EXHAUSTED; the text keeps the name)
 _TRITON_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND", "ALREADY_EXISTS": "ALREADY_EXISTS",

@@ -20,8 +20,8 @@ import threading
 import time
 
 
-from shelfsight.serving import contract
 from shelfsight.errors import Internal
+from shelfsight.serving import contract
 from shelfsight.serving.tritonpy import answer, error_response
 
 import triton_python_backend_utils as pb_utils

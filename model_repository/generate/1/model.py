@@ -6,12 +6,11 @@ sender, the last response flagged final. Engine metrics are exported as Triton c
 """
 import torch
 
-from shelfsight.serving import contract
-from shelfsight.serving import manifest as manifest_mod
-from shelfsight.model.checkpoint import load_model
 from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
+from shelfsight.model.checkpoint import load_model
 from shelfsight.params import GenerationParams
+from shelfsight.serving import contract, manifest as manifest_mod
 from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar
 
 import triton_python_backend_utils as pb_utils

@@ -10,11 +10,9 @@ import numpy as np
 import torch
 
 from shelfsight import params
-
-from shelfsight.serving import contract
-from shelfsight.serving import manifest as manifest_mod
 from shelfsight.errors import InvalidArgument
 from shelfsight.model.preprocessing import load_preprocessor
+from shelfsight.serving import contract, manifest as manifest_mod
 from shelfsight.serving.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
 
 import triton_python_backend_utils as pb_utils
