@@ -5,6 +5,7 @@ The checkpoints are the tiny model written as GPTQ-format round-to-nearest int4 
 (per channel) by the export's own writer: the same file format GPTQModel writes, in a second."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -14,6 +15,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from shelfsight import checkpoint
 from shelfsight.errors import FailedPrecondition
+from tests.conftest import ROOT
+
+# The loading this replaced (a random dense decoder, built then thrown away) lives on as the
+# benchmark's baseline; the tests compare against that one copy of it.
+_spec = importlib.util.spec_from_file_location("bench_load", ROOT / "bench" / "load.py")
+bench_load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_load)
 
 SCHEMES = {"int4": (4, 128), "int8": (8, -1)}
 
@@ -29,30 +37,13 @@ def quantized(tiny_checkpoint, tmp_path_factory) -> dict:
     return out
 
 
-def dense_then_swap(path, dtype=torch.float32):
-    """The loading this replaced, kept here as the reference: transformers builds the whole model with a
-    randomly initialised dense decoder, whose linears are then replaced by the quantized ones."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from shelfsight.qlinear import make_linear
-
-    info = checkpoint.inspect(path)
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype)
-    for name, q in checkpoint.quantized_modules(info.path, info.bits).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, make_linear(q, torch.device("cpu"), dtype))
-    return model.eval()
-
-
 def everything(model) -> dict:
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_same_model_as_dense_then_swap(quantized, scheme):
-    old = dense_then_swap(quantized[scheme])
+    old = bench_load.dense_then_swap(quantized[scheme], dtype="float32")
     new = checkpoint.load_model(quantized[scheme], dtype="float32")
     want, got = everything(old), everything(new)
     assert got.keys() == want.keys()
@@ -92,7 +83,7 @@ def test_dense_decoder_is_never_allocated(quantized, scheme):
     dense = {(m.out_features, m.in_features) for m in q.values()} - stored
     assert dense  # the tiny model's q/o and gate/up weights have shapes of their own
     with DenseDecoderWatch(dense) as watch:
-        dense_then_swap(path)
+        bench_load.dense_then_swap(path)
     assert watch.seen  # the watch sees the old loading build them
     with DenseDecoderWatch(dense) as watch:
         checkpoint.load_model(path, dtype="float32")
