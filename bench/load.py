@@ -5,7 +5,9 @@
 Writes the tiny (or 2B-shaped) random model as a GPTQ-format int4 checkpoint (round-to-nearest, group
 128: the file format GPTQModel writes), then loads it `rounds` times each way, every load in a fresh
 process so that its peak RSS is its own. Prints the median load time, the peak RSS growth during the
-load (and on CUDA the peak allocated GPU memory), and the ratio old / new.
+load (Linux VmHWM, reset just before it; on CUDA also the peak allocated GPU memory), and the ratio
+old / new. Measured on the 2-core CPU machine, 2b shape, one round: 27.3 s / 9,069 MiB old against
+11.7 s / 1,926 MiB new (2.34x, 4.71x).
 The old way (`dense_then_swap`, kept here as the baseline) builds the whole model with a randomly
 initialised dense decoder, moves it to the device, then replaces the decoder's linears.
 """
@@ -38,7 +40,8 @@ def dense_then_swap(path, device: str = "cpu", dtype: str = "bfloat16"):
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=compute).to(dev)
-    for name, q in checkpoint.quantized_modules(info.path, info.bits).items():
+    modules = dict(checkpoint.quantized_modules(info.path, info.bits))  # every linear unpacked at once, as it was
+    for name, q in modules.items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, make_linear(q, dev, compute))
     return model.eval()

@@ -101,20 +101,35 @@ def read_tensors(path: Path, keep=None, device="cpu") -> dict:
     return out
 
 
-def quantized_modules(path: Path, bits: int) -> dict:
-    """{module name: QuantizedTensor} for every GPTQ-packed linear in the checkpoint."""
+def packed_linears(path: Path) -> dict[str, dict[str, Path]]:
+    """{module name: {GPTQ leaf: weight file holding it}} for every quantized linear (headers only)."""
     from safetensors import safe_open
 
-    from shelfsight.gptq import unpack
-
-    groups: dict[str, dict] = {}
+    index: dict[str, dict[str, Path]] = {}
     for f in weight_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 module, _, leaf = key.rpartition(".")
                 if leaf in GPTQ_LEAVES:
-                    groups.setdefault(module, {})[leaf] = fh.get_tensor(key)
-    return {name: unpack(t, bits) for name, t in groups.items()}
+                    index.setdefault(module, {})[leaf] = f
+    return index
+
+
+def quantized_modules(path: Path, bits: int):
+    """(module name, QuantizedTensor) for every GPTQ-packed linear in the checkpoint, one at a time:
+    unpacked codes are int32 (8x the packed int4 bytes; 5.6 GB for the 2B decoder), so a loader that
+    turns each into its module before the next holds one linear's codes, not the decoder's."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from shelfsight.gptq import unpack
+
+    index = packed_linears(path)
+    with ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in weight_files(path)}
+        for module, leaves in index.items():
+            yield module, unpack({leaf: files[f].get_tensor(f"{module}.{leaf}") for leaf, f in leaves.items()}, bits)
 
 
 def load_model(path: str | Path, device: str = "cpu", reference: bool = False, dtype: str = "bfloat16"):
@@ -154,13 +169,13 @@ def load_quantized(info: CheckpointInfo, config, dev, compute, reference: bool =
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=compute)
-    modules = quantized_modules(info.path, info.bits)
+    found = set(packed_linears(info.path))
     expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_decoder_linear(n)}
-    if set(modules) != expected:
-        missing, extra = sorted(expected - set(modules)), sorted(set(modules) - expected)
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
         raise FailedPrecondition(f"{info.path}: quantized modules do not match the decoder "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, q in modules.items():
+    for name, q in quantized_modules(info.path, info.bits):
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, make_linear(q, dev, compute, reference))
     packed = tuple(f".{leaf}" for leaf in GPTQ_LEAVES)

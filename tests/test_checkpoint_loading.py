@@ -80,7 +80,7 @@ def test_dense_decoder_is_never_allocated(quantized, scheme):
     path = quantized[scheme]
     stored = {tuple(t.shape) for t in load_file(str(path / "model.safetensors")).values()}
     q = checkpoint.quantized_modules(path, SCHEMES[scheme][0])
-    dense = {(m.out_features, m.in_features) for m in q.values()} - stored
+    dense = {(m.out_features, m.in_features) for _, m in q} - stored
     assert dense  # the tiny model's q/o and gate/up weights have shapes of their own
     with DenseDecoderWatch(dense) as watch:
         bench_load.dense_then_swap(path)
