@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shelfsight import imaging, params, synth  # noqa: E402
+from shelfsight import params, synth  # noqa: E402
 from shelfsight.engine import Engine, EngineConfig, Request  # noqa: E402
-from shelfsight.model.preprocessing import Preprocessor, PixelPolicy  # noqa: E402
+from shelfsight.model import imaging  # noqa: E402
+from shelfsight.model.preprocessing import PixelPolicy, Preprocessor  # noqa: E402
 from shelfsight.params import GenerationParams  # noqa: E402
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shelfsight import imaging, params, synth  # noqa: E402
+from shelfsight import params, synth  # noqa: E402
+from shelfsight.model import imaging  # noqa: E402
 from shelfsight.model.preprocessing import load_preprocessor  # noqa: E402
 
 SIZES = [(448, 448), (800, 600), (1024, 768), (1920, 1080), (4000, 3000)]

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "pipeline": 600,
     "gateway": 480,
     "perceptual_pairs": 1200,  # the full pair set: ~4 min here
+    "load": 240,  # 6 fresh processes that each load the tiny int4 checkpoint: ~40 s here
 }
 STDERR_TAIL = 3000  # characters of a failed benchmark's stderr worth showing
 

@@ -158,6 +158,9 @@ def test_inconsistent_requests_are_refused_at_submit(setup):
     with pytest.raises(InvalidArgument, match="patches"):
         engine.submit(Request(ids, torch.from_numpy(x.pixel_values[:10]), torch.from_numpy(x.image_grid_thw),
                               "k", p, Collect()))
+    with pytest.raises(InvalidArgument, match=r"\[1, 3, 4\] is not a multiple of the model's merge size 2"):
+        engine.submit(Request(ids, torch.zeros(12, x.pixel_values.shape[1]), torch.tensor([1, 3, 4]), "k", p,
+                              Collect()))
     with pytest.raises(InvalidArgument, match="exceeds the model length"):
         engine.submit(Request(ids, torch.from_numpy(x.pixel_values), torch.from_numpy(x.image_grid_thw), "k",
                               GenerationParams(max_new_tokens=40_000), Collect()))

@@ -3,6 +3,7 @@ and refuses bad input with an error naming the problem."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from shelfsight import params
-from shelfsight.errors import InvalidArgument
+from shelfsight.errors import FailedPrecondition, InvalidArgument
 from shelfsight.model import imaging, qwen
 from shelfsight.model.preprocessing import load_preprocessor
 from tests import imagefiles
@@ -104,6 +105,39 @@ def test_visual_tokens_follow_pixel_bounds(pre):
     got = pre(CASES["jpeg-large-3000x2000"], "q")
     assert got.image_tokens <= MAX_PIXELS // qwen.PIXELS_PER_TOKEN
     assert int((got.input_ids == qwen.IMAGE_PAD_ID).sum()) == got.image_tokens
+
+
+def with_merge_size(src, dst, model: int, processor: int):
+    """The tiny checkpoint (weights linked, not copied) with other spatial merge sizes written in."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in ("config.json", "processor_config.json"):
+            (dst / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"]["spatial_merge_size"] = model
+    (dst / "config.json").write_text(json.dumps(config))
+    proc = json.loads((src / "processor_config.json").read_text())
+    proc["image_processor"]["merge_size"] = processor
+    (dst / "processor_config.json").write_text(json.dumps(proc))
+    return dst
+
+
+def test_merge_size_is_the_checkpoints(tiny_checkpoint, tmp_path):
+    from transformers import AutoProcessor
+
+    path = with_merge_size(tiny_checkpoint, tmp_path / "merge1", model=1, processor=1)
+    got = load_preprocessor(path, MIN_PIXELS, MAX_PIXELS, imaging.ImageLimits(), params.Limits())(
+        CASES["jpeg-448"], "q")
+    assert got.image_tokens == int(got.image_grid_thw.prod())  # one visual token per patch
+    ref = reference_inputs(AutoProcessor.from_pretrained(path), CASES["jpeg-448"], "q")
+    assert got.input_ids.tolist() == ref["input_ids"][0].tolist()
+    assert torch.allclose(torch.from_numpy(got.pixel_values), ref["pixel_values"], atol=1e-5)
+
+
+def test_processor_and_model_merge_sizes_must_agree(tiny_checkpoint, tmp_path):
+    path = with_merge_size(tiny_checkpoint, tmp_path / "mixed", model=1, processor=2)
+    with pytest.raises(FailedPrecondition, match="merge_size is 2, the vision tower's spatial_merge_size is 1"):
+        load_preprocessor(path, MIN_PIXELS, MAX_PIXELS, imaging.ImageLimits(), params.Limits())
 
 
 BAD = {

@@ -10,7 +10,6 @@ from typing import Protocol
 import torch
 
 from shelfsight.errors import ShelfsightError
-from shelfsight.model import qwen
 from shelfsight.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,9 @@ class Request:
     sink: Sink
     arrival: float = field(default_factory=time.perf_counter)
 
-    @property
-    def image_tokens(self) -> int:
-        return int(self.grid_thw.prod()) // qwen.MERGE_SIZE ** 2
+    def image_tokens(self, merge_size: int) -> int:
+        """Visual tokens after the vision tower merges merge_size x merge_size patches into one."""
+        return int(self.grid_thw.prod()) // merge_size ** 2
 
 
 class Observer:

@@ -47,6 +47,8 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), observer: Observer | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
+        # patches merged into one visual token per side: the checkpoint's own, 2 for Qwen3-VL
+        self.merge_size = getattr(model.config.vision_config, "spatial_merge_size", qwen.MERGE_SIZE)
         self.observer = SafeObserver(observer or Observer())
         self.vision_cache = VisionCache(config.vision_cache_bytes)
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.max_waiting,
@@ -103,11 +105,16 @@ class Engine:
         pads = int((ids == qwen.IMAGE_PAD_ID).sum())
         if req.grid_thw.numel() != 3 or int(req.grid_thw[0]) != 1:
             raise InvalidArgument(f"image_grid_thw must be (1, h, w), got {req.grid_thw.tolist()}")
+        _, h, w = (int(v) for v in req.grid_thw)
+        if h % self.merge_size or w % self.merge_size:
+            raise InvalidArgument(f"image_grid_thw {req.grid_thw.tolist()} is not a multiple of the model's "
+                                  f"merge size {self.merge_size}")
         if req.pixel_values.shape[0] != int(req.grid_thw.prod()):
             raise InvalidArgument(f"pixel_values has {req.pixel_values.shape[0]} patches, grid says "
                                   f"{int(req.grid_thw.prod())}")
-        if pads != req.image_tokens:
-            raise InvalidArgument(f"prompt has {pads} image tokens, the image needs {req.image_tokens}")
+        need = req.image_tokens(self.merge_size)
+        if pads != need:
+            raise InvalidArgument(f"prompt has {pads} image tokens, the image needs {need}")
         total = ids.numel() + req.params.max_new_tokens
         if total > self.config.max_model_len:
             raise InvalidArgument(f"prompt ({ids.numel()} tokens) + max_new_tokens "

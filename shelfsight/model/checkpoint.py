@@ -1,10 +1,12 @@
 """A Qwen3-VL checkpoint directory: what it is (bf16 / int8 / int4 GPTQ), its fingerprint, and loading
 it for inference through the standard transformers classes.
 
-Quantized checkpoints are standard GPTQ (shelfsight/model/gptq.py). They load without GPTQModel: transformers
-builds the model from config.json minus its quantization block (the unquantized tensors - vision tower,
-embedding, norms - load as usual), then each text-decoder linear is replaced by a module over torch's
-own weight-only kernels (shelfsight/model/qlinear.py).
+Quantized checkpoints are standard GPTQ (shelfsight/model/gptq.py). They load without GPTQModel, the way
+gpt-fast loads: transformers builds the model from config.json minus its quantization block on the meta
+device (no memory, no random init), each text-decoder linear is swapped for a module over torch's own
+weight-only kernels (shelfsight/model/qlinear.py) built on the target device from the packed tensors, and the
+unquantized tensors (vision tower, embedding, norms) are read from the safetensors straight onto the
+device. No dense decoder weight is ever allocated.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shelfsight.errors import FailedPrecondition, InvalidArgument, NotFound
+from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from shelfsight.model import qwen
 
 WEIGHT_SUFFIX = ".safetensors"
+GPTQ_LEAVES = ("qweight", "qzeros", "scales", "g_idx")  # the packed tensors of one quantized linear
 # Files that define a checkpoint's behaviour; their bytes make its fingerprint.
 FINGERPRINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
                      "preprocessor_config.json", "processor_config.json")
@@ -84,47 +87,61 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_tensors(path: Path, names: set[str] | None = None) -> dict:
-    """Tensors from every weight file of the checkpoint (all of them, or just `names`)."""
+def read_tensors(path: Path, keep=None, device="cpu") -> dict:
+    """Tensors from every weight file of the checkpoint (all, or those whose name `keep` accepts),
+    read straight onto `device`."""
     from safetensors import safe_open
 
     out = {}
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt") as fh:
+        with safe_open(str(f), framework="pt", device=str(device)) as fh:
             for key in fh.keys():
-                if names is None or key in names:
+                if keep is None or keep(key):
                     out[key] = fh.get_tensor(key)
     return out
 
 
-def quantized_modules(path: Path, bits: int) -> dict:
-    """{module name: QuantizedTensor} for every GPTQ-packed linear in the checkpoint."""
+def packed_linears(path: Path) -> dict[str, dict[str, Path]]:
+    """{module name: {GPTQ leaf: weight file holding it}} for every quantized linear (headers only)."""
     from safetensors import safe_open
 
-    from shelfsight.model.gptq import unpack
-
-    groups: dict[str, dict] = {}
+    index: dict[str, dict[str, Path]] = {}
     for f in weight_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 module, _, leaf = key.rpartition(".")
-                if leaf in ("qweight", "qzeros", "scales", "g_idx"):
-                    groups.setdefault(module, {})[leaf] = fh.get_tensor(key)
-    return {name: unpack(t, bits) for name, t in groups.items()}
+                if leaf in GPTQ_LEAVES:
+                    index.setdefault(module, {})[leaf] = f
+    return index
+
+
+def quantized_modules(path: Path, bits: int):
+    """(module name, QuantizedTensor) for every GPTQ-packed linear in the checkpoint, one at a time:
+    unpacked codes are int32 (8x the packed int4 bytes; 5.6 GB for the 2B decoder), so a loader that
+    turns each into its module before the next holds one linear's codes, not the decoder's."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from shelfsight.model.gptq import unpack
+
+    index = packed_linears(path)
+    with ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in weight_files(path)}
+        for module, leaves in index.items():
+            yield module, unpack({leaf: files[f].get_tensor(f"{module}.{leaf}") for leaf, f in leaves.items()}, bits)
 
 
 def load_model(path: str | Path, device: str = "cpu", reference: bool = False, dtype: str = "bfloat16"):
     """Load any served checkpoint for inference (eval mode), computing in `dtype`.
 
+    bf16 goes through transformers' from_pretrained (it builds on meta and loads: no random init);
+    quantized checkpoints through load_quantized.
     reference=True loads quantized weights as dense dequantized linears: the same numbers through
     plain matmuls, which parity tests run transformers' own generate() on.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.utils import logging as hf_logging
-
-    from shelfsight.model.gptq import is_decoder_linear
-    from shelfsight.model.qlinear import make_linear
 
     info = inspect(path)
     dev = torch.device(device)
@@ -133,25 +150,71 @@ def load_model(path: str | Path, device: str = "cpu", reference: bool = False, d
     if info.scheme == "bf16":
         model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=compute)
         return model.to(dev).eval()
-    # Without its quantization block transformers builds plain linears for the decoder: their packed
-    # tensors go unused and the dense weights start random, until replaced below. Say so once, quietly.
+    model = load_quantized(info, config, dev, compute, reference)
+    logging.getLogger(__name__).info("loaded %s (%s) on %s", info.path, info.scheme, dev)
+    return model.eval()
+
+
+def load_quantized(info: CheckpointInfo, config, dev, compute, reference: bool = False):
+    """A GPTQ checkpoint as a model whose every tensor lives on `dev`, built without materialising the
+    dense decoder: meta skeleton -> quantized linears swapped in -> remaining tensors assigned."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from shelfsight.model.gptq import is_decoder_linear
+    from shelfsight.model.qlinear import make_linear
+
+    # Without its quantization block transformers builds plain linears for the decoder; on meta they
+    # cost nothing and are replaced below.
     del config.quantization_config
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(info.path, config=config, dtype=compute)
-    finally:
-        hf_logging.set_verbosity(level)
-    modules = quantized_modules(info.path, info.bits)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=compute)
+    found = set(packed_linears(info.path))
     expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_decoder_linear(n)}
-    if set(modules) != expected:
-        missing, extra = sorted(expected - set(modules)), sorted(set(modules) - expected)
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
         raise FailedPrecondition(f"{info.path}: quantized modules do not match the decoder "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    model = model.to(dev)
-    for name, q in modules.items():
+    for name, q in quantized_modules(info.path, info.bits):
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, make_linear(q, dev, compute, reference))
-    logging.getLogger(__name__).info("loaded %s (%s, %d quantized linears) on %s",
-                                     info.path, info.scheme, len(modules), dev)
-    return model.eval()
+    packed = tuple(f".{leaf}" for leaf in GPTQ_LEAVES)
+    tensors = read_tensors(info.path, keep=lambda k: not k.endswith(packed), device=dev)
+    shapes = model.state_dict()  # meta tensors: names, shapes and the dtypes from_pretrained would load
+    unknown = sorted(set(tensors) - set(shapes))
+    if unknown:
+        raise FailedPrecondition(f"{info.path} holds tensors this model does not have: {unknown[:3]}")
+    for name, t in tensors.items():
+        if t.shape != shapes[name].shape:
+            raise FailedPrecondition(f"{info.path}: tensor {name} is {tuple(t.shape)}, the model's config "
+                                     f"says {tuple(shapes[name].shape)}")
+        tensors[name] = t.to(shapes[name].dtype)
+    missing = model.load_state_dict(tensors, strict=False, assign=True).missing_keys
+    model.tie_weights()  # lm_head.weight is the embedding where the config ties them (the checkpoint has one)
+    _rebuild_buffers(model, dev)
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t.is_meta:
+            if name in missing:
+                raise FailedPrecondition(f"{info.path} lacks tensor {name}")
+            raise Internal(f"loading {info.path} left {name} on the meta device")
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(info.path)  # as from_pretrained does
+    except OSError:
+        pass  # no generation_config.json: keep the one derived from config.json
+    return model
+
+
+def _rebuild_buffers(model, dev) -> None:
+    """Non-persistent buffers (the rotary embeddings' inv_freq) are computed in __init__ and are not in
+    the checkpoint; built on meta they hold nothing. Run the owning module's __init__ again, on the CPU
+    as from_pretrained computes them (bit-identical), and move the result to `dev`."""
+    for name, module in model.named_modules():
+        empty = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+        if not empty:
+            continue
+        if next(module.parameters(recurse=False), None) is not None or not hasattr(module, "config"):
+            raise Internal(f"cannot recompute buffer {name}.{empty[0]}: {type(module).__name__} is not "
+                           "a parameter-free module built from its config")
+        fresh = type(module)(module.config)
+        for b in empty:
+            setattr(module, b, getattr(fresh, b).to(dev))

@@ -23,8 +23,8 @@ from torchvision.transforms.v2 import functional as tvF
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from shelfsight import params
-from shelfsight.errors import InvalidArgument
-from shelfsight.model import imaging, qwen
+from shelfsight.errors import FailedPrecondition, InvalidArgument
+from shelfsight.model import checkpoint, imaging, qwen
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ class ModelInputs:
     pixel_values: np.ndarray  # [grid_h * grid_w, C * T * P * P] float32
     image_grid_thw: np.ndarray  # [3] int64: (1, grid_h, grid_w)
     image_key: str  # identifies the picture's patches: same key -> same pixel_values
+    merge_size: int = qwen.MERGE_SIZE  # patches per side merged into one visual token
 
     @property
     def image_tokens(self) -> int:
-        return int(self.image_grid_thw.prod()) // (qwen.MERGE_SIZE ** 2)
+        return int(self.image_grid_thw.prod()) // (self.merge_size ** 2)
 
 
 class Patchifier:
@@ -128,21 +129,31 @@ class Preprocessor:
             params.check_text("system", system, self.text_limits.max_system_chars, required=False)
         rgb = imaging.decode(image, self.image_limits, enhance=enhance)
         pixel_values, grid = self.patchify(rgb)
-        image_tokens = grid[0] * grid[1] * grid[2] // (self.patchify.policy.merge_size ** 2)
-        input_ids = self.prompt(question, system, image_tokens)
+        merge = self.patchify.policy.merge_size
+        input_ids = self.prompt(question, system, grid[0] * grid[1] * grid[2] // merge ** 2)
         key = hashlib.blake2b(image, digest_size=16, person=b"enh" if enhance else b"raw")
         key.update(repr(self.patchify.policy).encode())
         return ModelInputs(input_ids=input_ids, pixel_values=pixel_values.numpy(),
-                           image_grid_thw=np.asarray(grid, dtype=np.int64), image_key=key.hexdigest())
+                           image_grid_thw=np.asarray(grid, dtype=np.int64), image_key=key.hexdigest(),
+                           merge_size=merge)
 
 
 def load_preprocessor(checkpoint_dir, min_pixels: int, max_pixels: int,
                       image_limits: imaging.ImageLimits, text_limits: params.Limits) -> Preprocessor:
-    """A Preprocessor using the checkpoint's tokenizer, chat template and image-processor constants."""
+    """A Preprocessor using the checkpoint's tokenizer, chat template and image-processor constants.
+    The processor's patch geometry must be the vision tower's (config.json's vision_config): patches
+    cut or merged differently from how the model merges them would give wrong answers, not errors."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(checkpoint_dir)
     ip = proc.image_processor
+    vision = checkpoint.inspect(checkpoint_dir).config.get("vision_config", {})
+    for ours, theirs, default in (("merge_size", "spatial_merge_size", qwen.MERGE_SIZE),
+                                  ("patch_size", "patch_size", qwen.PATCH_SIZE),
+                                  ("temporal_patch_size", "temporal_patch_size", qwen.TEMPORAL_PATCH_SIZE)):
+        if getattr(ip, ours) != vision.get(theirs, default):
+            raise FailedPrecondition(f"{checkpoint_dir}: the image processor's {ours} is {getattr(ip, ours)}, "
+                                     f"the vision tower's {theirs} is {vision.get(theirs, default)}")
     policy = PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=ip.patch_size,
                          merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size,
                          image_mean=tuple(ip.image_mean), image_std=tuple(ip.image_std))
