@@ -11,7 +11,7 @@ env:
 	@$(PY) scripts/envs.py serve export
 
 demo: env
-	@$(VPY) -m shelfsight.demo
+	@$(VPY) -m shelfsight.app.demo
 
 test: env
 	@scripts/run-tests $(PYTEST_ARGS)

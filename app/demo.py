@@ -8,6 +8,7 @@ stops everything. Answers are noise: the weights are random; the plumbing is the
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import io
 import os
 import shutil
@@ -17,9 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shelfsight import ports
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "demo"
-SAMPLE = Path(__file__).resolve().parent / "data" / "sample-product.jpg"
+SAMPLE = Path(importlib.resources.files("shelfsight") / "data" / "sample-product.jpg")  # ships with the core
 QUESTION = "What brand is this product?"
 
 
@@ -90,10 +93,10 @@ def main() -> int:
             loop).result(60)
         while not gateway.upstream.ready:
             time.sleep(0.1)
-        target = f"127.0.0.1:{gateway.port}"
+        target = ports.local(gateway.port)
         print(f"   gateway ready on {target} (metrics on :{gateway.metrics_port})")
         print(f"   web UI on {start_beside(target).local_url} while the demo runs "
-              "(`shelfsight serve --ui-port 7860` keeps one up)")
+              f"(`shelfsight serve --ui-port {ports.UI}` keeps one up)")
 
         step(f"asking about {SAMPLE.name}: {QUESTION!r} (seeded, so the answer may be cached)")
         photo = SAMPLE.read_bytes()
@@ -116,7 +119,7 @@ def main() -> int:
                     print(chunk.text, end="", flush=True)
 
         step("a few metrics")
-        for line in metric_lines(f"http://127.0.0.1:{gateway.metrics_port}/metrics",
+        for line in metric_lines(f"http://{ports.local(gateway.metrics_port)}/metrics",
                                  ("grpc_server_handled_total", "shelfsight_cache_lookups_total",
                                   "shelfsight_coalesced", "shelfsight_tokens_total")):
             print("   gateway", line)

@@ -66,7 +66,7 @@ def cmd_serve(args) -> int:
 
             repo = Path(work) / "repository"
             build(repository_job(args, args.model, repo))
-        rc = asyncio.run(_serve(args, triton_settings(args, repo, "127.0.0.1", prefix="triton_")))
+        rc = asyncio.run(_serve(args, triton_settings(args, repo, ports.LOCALHOST, prefix="triton_")))
     print("stopped" if rc == 0 else f"stopped with errors (exit code {rc})", flush=True)
     return rc
 
@@ -99,7 +99,7 @@ async def _serve(args, triton_config) -> int:
         from shelfsight.ui.cli import start_beside
 
         try:
-            ui = await asyncio.to_thread(start_beside, f"127.0.0.1:{gateway.port}", args.ui_port, args.host)
+            ui = await asyncio.to_thread(start_beside, ports.local(gateway.port), args.ui_port, args.host)
         except BaseException:
             await gateway.stop()
             await asyncio.to_thread(triton.stop)

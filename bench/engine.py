@@ -115,6 +115,7 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
 def run_generate(model, inputs, new_tokens, device) -> dict:
     """One left-padded batch through transformers' generate()."""
     from shelfsight.model import qwen
+
     L = max(len(x.input_ids) for x in inputs)
     ids = torch.full((len(inputs), L), qwen.ENDOFTEXT_ID)
     mask = torch.zeros_like(ids)

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from shelfsight import params, ports
+
+
 def add_generation_flags(p) -> None:
     p.add_argument("--system", help="system prompt")
     for field, rule in params.RULES.items():  # unset: the server's defaults

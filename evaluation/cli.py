@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from shelfsight import ports
+
+
 def register(sub) -> None:
     ds = sub.add_parser("dataset", help="evaluation datasets")
     dsub = ds.add_subparsers(dest="dataset_command", required=True, parser_class=type(ds))
@@ -27,7 +29,7 @@ def register(sub) -> None:
     ev.add_argument("--concurrency", type=int, default=4)
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (the study's settings sample)")
     ev.add_argument("--timeout", type=float)
-    ev.add_argument("--max-new-tokens", type=int, help="override the study's 256 (e.g. for quick CPU runs)")
+    ev.add_argument("--max-new-tokens", type=int, help="override the study's answer length (e.g. for quick CPU runs)")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("compare", nargs="*", metavar="compare RUN_A RUN_B",
                     help="instead of running: show two runs side by side")

@@ -28,7 +28,7 @@ def register(sub) -> None:
                         "default: built-in synthetic product renders")
     q.add_argument("--samples", type=int, help="calibration samples (default: QuantizeJob's)")
     q.add_argument("--heldout", type=int, help="synthetic held-out samples for fidelity")
-    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--device", help="cpu or cuda (default: QuantizeJob's)")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
 
@@ -83,9 +83,9 @@ def cmd_quantize(args) -> int:
     from shelfsight.export.quantize import QuantizeJob, run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sizes = {k: getattr(args, k) for k in ("samples", "heldout") if getattr(args, k) is not None}
+    sizes = {k: getattr(args, k) for k in ("samples", "heldout", "device") if getattr(args, k) is not None}
     manifest = run(QuantizeJob(model=args.model, scheme=args.scheme, out=args.out, calibration=args.calibration,
-                               force=args.force, device=args.device, **sizes),
+                               force=args.force, **sizes),
                    log=lambda msg: print(msg, file=sys.stderr))
     summary = {k: manifest[k] for k in ("scheme", "method", "time_s", "fidelity")}
     if "fidelity_rtn" in manifest:

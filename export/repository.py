@@ -16,7 +16,7 @@ from shelfsight import params
 from shelfsight.engine import EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
-from shelfsight.model import checkpoint, qwen
+from shelfsight.model import checkpoint, imaging, qwen
 from shelfsight.params import GenerationParams
 from shelfsight.serving import contract, manifest
 
@@ -33,8 +33,8 @@ class RepositoryJob:
     preprocess_instances: int = 2
     collect_instances: int = 1  # each instance keeps many answers in flight (collect/1/model.py)
     max_batch: int = EngineConfig.max_batch
-    min_pixels: int = manifest.PixelBounds.min_pixels
-    max_pixels: int = manifest.PixelBounds.max_pixels
+    min_pixels: int = imaging.PixelBounds.min_pixels
+    max_pixels: int = imaging.PixelBounds.max_pixels
     max_new_tokens: int = GenerationParams.max_new_tokens
     force: bool = False
 
@@ -85,7 +85,7 @@ def build(job: RepositoryJob) -> manifest.ServingManifest:
         model_id=f"{info.path.resolve().name}@{fingerprint[:12]}", scheme=info.scheme,
         device=target.device, dtype=target.dtype,
         generation=generation_defaults(info.path, job.max_new_tokens),
-        pixels=manifest.PixelBounds(job.min_pixels, job.max_pixels),
+        pixels=imaging.PixelBounds(job.min_pixels, job.max_pixels),
         engine=replace(target.engine, max_batch=job.max_batch),
     )
     values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(info.config),

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from shelfsight.model import qwen
+
 # Every decoder linear's input width is a multiple of 128 so that 4-bit group-128 GPTQ applies.
 SHAPES = {
     "tiny": dict(

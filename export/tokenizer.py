@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from shelfsight.model import qwen
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "shelfsight" / "model" / "chat_template.jinja"
 
 
 def tiktoken_path() -> Path:

@@ -82,7 +82,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 tried.append(replica)
                 kw = dict(timeout=max(0.001, deadline - time.monotonic()), request_id=c.request_id,
                           enhance=c.enhance or None,
-                          **{k: v for k, v in dataclasses.asdict(c.params).items() if k != "ignore_eos"})
+                          **c.params.as_request())
                 try:
                     last = await self.upstream.call(replica, self._stream(replica, flight, c, kw))
                     break

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shelfsight import ports
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     enabled: bool = True

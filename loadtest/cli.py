@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 from shelfsight import ports
+
+
 def register(sub) -> None:
     from shelfsight.loadtest.runner import LoadJob
 

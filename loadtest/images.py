@@ -15,6 +15,7 @@ import random
 from PIL import Image
 
 from shelfsight import synth
+
 SIZE = (448, 448)
 
 

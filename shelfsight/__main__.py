@@ -1,7 +1,11 @@
-"""`python -m shelfsight`: the installed `shelfsight` command. The core does not import the parts, so
-it finds the command's composition root (shelfsight.app.cli) the way the console script does."""
+"""`python -m shelfsight`: the installed `shelfsight` command. The core imports none of the parts, so
+it does not import the command's composition root (shelfsight.app.cli) either: it runs what the
+project's console script names, the way the `shelfsight` executable does."""
 import sys
 from importlib.metadata import entry_points
 
-(command,) = entry_points(group="console_scripts", name="shelfsight")
-sys.exit(command.load()())
+found = [ep for ep in entry_points(group="console_scripts", name="shelfsight")
+         if ep.dist is None or ep.dist.name == "shelfsight"]
+if not found:
+    sys.exit("shelfsight: the project is not installed in this Python (`make env`, or `pip install -e .`)")
+sys.exit(found[0].load()())

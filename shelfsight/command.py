@@ -1,6 +1,6 @@
 """What every `shelfsight` subcommand shares: the argument parser class and the one place that turns
 typed errors into a line on stderr with exit code 2 (caller's mistake) or 1 (ours). The commands
-themselves belong to the parts; shelfsight/app/cli.py puts them together."""
+themselves belong to the parts; app/cli.py puts them together."""
 from __future__ import annotations
 
 import argparse

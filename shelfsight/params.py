@@ -8,7 +8,7 @@ temperature 0 means greedy decoding.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from shelfsight.errors import InvalidArgument
@@ -45,22 +45,31 @@ class GenerationParams:
         """Same inputs give the same answer: greedy, or sampled with a fixed seed."""
         return self.greedy or self.seed is not None
 
+    def as_request(self) -> dict:
+        """The values a request can set (FIELDS), e.g. to send these parameters on to Triton."""
+        return {name: getattr(self, name) for name in FIELDS}
+
     def to_json(self) -> bytes:
-        """The resolved parameters as they travel from `preprocess` to `generate` (one tensor)."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The resolved request-settable values as they travel from `preprocess` to `generate` (one
+        tensor); ignore_eos is not one of them."""
+        return json.dumps(self.as_request(), separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "GenerationParams":
+    def from_json(cls, raw: bytes | str, limits: Limits) -> "GenerationParams":
+        """to_json's inverse, checked again: `generate` can be called directly, not only through the
+        ensemble. Every field must be there (seed may be null) and in range; nothing else may."""
         try:
             doc = json.loads(raw)
         except (ValueError, TypeError):
             doc = None
         if not isinstance(doc, dict):
             raise InvalidArgument("generation parameters are not a JSON object")
-        unknown = set(doc) - {f.name for f in fields(cls)}
+        unknown, missing = set(doc) - set(FIELDS), [f for f in FIELDS if f not in doc]
         if unknown:
             raise InvalidArgument(f"unknown generation parameters {sorted(unknown)}")
-        return cls(**doc)
+        if missing:
+            raise InvalidArgument(f"generation parameters lack {missing}")
+        return resolve(cls(), limits, **doc)
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,10 @@ def resolve(defaults: GenerationParams, limits: Limits, **given) -> GenerationPa
         rule = RULES.get(name)
         if rule is None:
             raise InvalidArgument(f"unknown generation parameter {name!r}")
-        v = rule.cast(value)
+        try:
+            v = rule.cast(value)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidArgument(f"{name} must be a {rule.cast.__name__}, got {value!r}") from None
         if not rule.allowed(v, limits):
             raise InvalidArgument(f"{name} {rule.range(limits)}, got {v}")
         changes[name] = v

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 
 from shelfsight import synth
+
+
 def photo(w: int, h: int, seed: int = 0) -> Image.Image:
     """A product render of the given size (structure, text and noise: not a flat colour)."""
     rng = random.Random(seed)

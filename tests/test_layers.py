@@ -34,6 +34,14 @@ def test_the_core_imports_no_part(path):
     assert not bad, f"{path.relative_to(ROOT)} imports parts: {sorted(bad)}"
 
 
+def test_the_core_top_imports_only_itself_and_qwen_constants():
+    top = {p.stem for p in CORE.glob("*.py")}
+    for path in CORE.glob("*.py"):
+        bad = {n for n in imported(path) if n != "shelfsight" and n.split(".")[1] not in top
+               and not n.startswith("shelfsight.model.qwen") and n != "shelfsight.model"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
 @pytest.mark.parametrize("layer, below", [("model", ("engine", "serving")), ("engine", ("serving",))])
 def test_core_layers_point_down(layer, below):
     for path in modules(CORE / layer):
@@ -55,3 +63,15 @@ def test_python_m_shelfsight_runs_the_composition_root():
     assert out.returncode == 0, out.stderr
     for command in ("export", "triton", "serve", "gateway", "ask", "batch", "loadtest", "eval", "ui"):
         assert command in out.stdout
+
+
+def test_make_demo_runs_a_module_that_exists_with_its_sample_photo():
+    import importlib.util
+    import re
+
+    (module,) = re.findall(r"-m ([\w.]+)", next(line for line in (ROOT / "Makefile").read_text().splitlines()
+                                                 if "-m " in line and "demo" in line))
+    assert importlib.util.find_spec(module) is not None, module
+    from shelfsight.app import demo
+
+    assert demo.SAMPLE.is_file(), demo.SAMPLE

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -20,20 +21,42 @@ from shelfsight.serving import contract
 def test_contract_optional_inputs_are_the_parameters_then_enhance():
     assert list(contract.OPTIONAL) == [*params.FIELDS, "enhance"]
     assert [f.name for f in dataclasses.fields(GenerationParams) if f.name != "ignore_eos"] == list(params.FIELDS)
+    sent = GenerationParams(seed=5, ignore_eos=True).as_request()  # what the gateway sends on to Triton
+    assert list(sent) == list(params.FIELDS) and sent["seed"] == 5
 
 
 @pytest.mark.parametrize("p", [GenerationParams(), GenerationParams(seed=7, temperature=0.0, top_k=0),
-                               GenerationParams(seed=params.MAX_SEED, max_new_tokens=1, ignore_eos=True)])
+                               GenerationParams(seed=params.MAX_SEED, max_new_tokens=1)])
 def test_parameters_travel_as_one_json_value(p):
-    assert GenerationParams.from_json(p.to_json()) == p
-    assert GenerationParams.from_json(p.to_json().decode()) == p
+    assert GenerationParams.from_json(p.to_json(), params.Limits()) == p
+    assert GenerationParams.from_json(p.to_json().decode(), params.Limits()) == p
 
 
-@pytest.mark.parametrize("raw, message", [(b"not json", "not a JSON object"), (b"[1, 2]", "not a JSON object"),
-                                          (b'{"temperature": 0.1, "beam": 4}', "unknown generation parameters ['beam']")])
-def test_bad_parameter_json_is_invalid_argument(raw, message):
+def test_ignore_eos_never_travels():
+    raw = GenerationParams(ignore_eos=True).to_json()
+    assert "ignore_eos" not in raw.decode() and not GenerationParams.from_json(raw, params.Limits()).ignore_eos
+
+
+def _with(**change) -> bytes:
+    doc = json.loads(GenerationParams().to_json())
+    doc.update(change)
+    return json.dumps({k: v for k, v in doc.items() if v != "DROP"}).encode()
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"not json", "not a JSON object"), (b"[1, 2]", "not a JSON object"),
+    (_with(beam=4), "unknown generation parameters ['beam']"),
+    (_with(ignore_eos=True), "unknown generation parameters ['ignore_eos']"),
+    (_with(top_k="DROP"), "generation parameters lack ['top_k']"),
+    (_with(temperature="x"), "temperature must be a float, got 'x'"),
+    (_with(seed=params.MAX_SEED + 1), "seed must be between 0 and 2^63-1"),
+    (_with(seed=-1), "seed must be between 0 and 2^63-1"),
+    (_with(max_new_tokens=5000), "max_new_tokens must be between 1 and 2048"),
+])
+def test_generate_checks_the_parameters_it_is_handed(raw, message):
+    # a direct client of `generate` skips preprocess: the engine must never see these
     with pytest.raises(InvalidArgument, match=re.escape(message)):
-        GenerationParams.from_json(raw)
+        GenerationParams.from_json(raw, params.Limits())
 
 
 def _configs(repo: Path) -> dict[str, str]:

@@ -226,6 +226,7 @@ def test_unreadable_calibration_image(tiny_checkpoint, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
     from shelfsight import synth
+
     for i, (img, *_rest) in enumerate(synth.samples(4, seed=3)):
         img.save(calib / f"{i}.png")
     (calib / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

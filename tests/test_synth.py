@@ -4,6 +4,8 @@ from __future__ import annotations
 import random
 
 from shelfsight import synth
+
+
 def test_same_seed_same_pixels_other_seed_other_pixels():
     def render(seed, variant):
         return synth.render(synth.make_product(random.Random(1)), seed=seed, variant=variant).tobytes()

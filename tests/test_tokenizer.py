@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shelfsight.model import qwen
+
 # A copy of shared/notes/chat-template-golden.json, so that a fresh clone carries its own golden cases.
 GOLDEN = Path(__file__).resolve().parent / "data" / "chat-template-golden.json"
 

@@ -40,6 +40,18 @@ def test_controls_default_to_the_serving_defaults_and_become_request_arguments()
     assert req["seed"] is None and req["cache"] == "use" and req["enhance"] is False
 
 
+def test_controls_read_and_fill_the_page_widgets():
+    # the page's widgets give strings and floats; the request gets the parameters' own types
+    c = ask.Controls.from_page(0.5, 0.9, 12.0, 1.05, " 7 ", True, "skip")
+    assert c.request() == dict(temperature=0.5, top_p=0.9, max_new_tokens=12, repetition_penalty=1.05, seed=7,
+                               enhance=True, cache="skip")
+    assert type(c.request()["max_new_tokens"]) is int
+    assert ask.Controls.from_page(*c.to_page()) == c  # reopening a history entry fills the same widgets
+    assert ask.Controls.from_page(0.3, 0.85, 256, 1.1, "", False, "use").seed is None
+    with pytest.raises(errors.InvalidArgument, match="seed must be a whole number .* got 'x7'"):
+        ask.Controls.from_page(0.3, 0.85, 256, 1.1, "x7", False, "use")
+
+
 def test_errors_are_told_in_words_without_internals():
     target = "127.0.0.1:1"
     assert ask.explain(errors.InvalidArgument("top_p must be in (0, 1], got 0.0"), target) == \

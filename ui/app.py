@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 from shelfsight import errors  # noqa: E402
 from shelfsight.client.batch import DEFAULT_QUESTION as BATCH_QUESTION  # noqa: E402
 from shelfsight.client.client import ShelfsightClient  # noqa: E402
+from shelfsight.evaluation.run import STUDY_SETTINGS  # noqa: E402
 from shelfsight.params import Limits  # noqa: E402
 from shelfsight.ui import ask, batch, evaluate  # noqa: E402
 from shelfsight.ui.settings import UISettings  # noqa: E402
@@ -41,16 +42,6 @@ def photo_box(**kw) -> gr.Image:
 
 def _note(text: str) -> str:
     return f"**Error:** {text}" if text else ""
-
-
-def _seed(text: str | None) -> int | None:
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise errors.InvalidArgument(f"seed must be a whole number (or blank for a fresh draw), got {text!r}") from None
 
 
 def build(settings: UISettings) -> gr.Blocks:
@@ -85,12 +76,12 @@ def build(settings: UISettings) -> gr.Blocks:
         except Exception as e:  # noqa: BLE001
             return None, _note(words(e))
 
-    def run_ask(path, question, temperature, top_p, max_new_tokens, repetition_penalty, seed, enhance, cache,
-                history):
+    def run_ask(path, question, *values):  # values: the controls' widgets (ask.Controls order), then history
+        *values, history = values
         history = list(history or [])
         hidden = gr.update(visible=False, value=None)
         try:
-            controls = ask.Controls(temperature, top_p, max_new_tokens, repetition_penalty, _seed(seed), enhance, cache)
+            controls = ask.Controls.from_page(*values)
             data = ask.read_photo(path)
             ask.as_model_sees(data)  # a bad photo is named here, before the gateway is asked
             view = ask.View()
@@ -107,11 +98,9 @@ def build(settings: UISettings) -> gr.Blocks:
     # ---- History ----
     def reopen(history, evt: gr.SelectData):
         entry = list(reversed(history or []))[evt.index[0]]
-        c = entry["controls"]
         meta = "\n".join(f"- {k}: {v}" for k, v in entry["meta"].items())
-        return (entry["photo_path"], entry["question"], entry["answer"], entry["answer"], meta, c["temperature"],
-                c["top_p"], c["max_new_tokens"], c["repetition_penalty"], "" if c["seed"] is None else str(c["seed"]),
-                c["enhance"], c["cache"], gr.Tabs(selected="ask"))
+        return (entry["photo_path"], entry["question"], entry["answer"], entry["answer"], meta,
+                *ask.Controls(**entry["controls"]).to_page(), gr.Tabs(selected="ask"))
 
     def export_history(history):
         if not history:
@@ -120,11 +109,11 @@ def build(settings: UISettings) -> gr.Blocks:
         return str(ask.history_jsonl(history, path)), f"{len(history)} answers exported"
 
     # ---- Batch ----
-    def run_batch(uploads, question, temperature, top_p, max_new_tokens, repetition_penalty, seed, enhance, cache,
-                  folder):
+    def run_batch(uploads, question, *values):  # values: the controls' widgets (ask.Controls order), then the folder
+        *values, folder = values
         no_files = gr.update(value=None, interactive=False)
         try:
-            controls = ask.Controls(temperature, top_p, max_new_tokens, repetition_penalty, _seed(seed), enhance, cache)
+            controls = ask.Controls.from_page(*values)
             question = (question or "").strip() or BATCH_QUESTION
             # the same uploads asked again: resume the same batch (only unanswered photos are asked)
             if folder and Path(folder, "photos").is_dir():
@@ -249,7 +238,8 @@ def build(settings: UISettings) -> gr.Blocks:
                             "one) with the study's settings, then compare two runs.")
                 with gr.Row():
                     data_dir = gr.Textbox(label="Dataset folder (on the UI's machine)", elem_id="eval-dataset")
-                    eval_tokens = gr.Number(label="max new tokens (blank: the study's 256)", precision=0,
+                    study_tokens = STUDY_SETTINGS["max_new_tokens"]
+                    eval_tokens = gr.Number(label=f"max new tokens (blank: the study's {study_tokens})", precision=0,
                                             elem_id="eval-tokens")
                 eval_go = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
                 eval_status = gr.HTML(elem_id="eval-status")
@@ -263,7 +253,7 @@ def build(settings: UISettings) -> gr.Blocks:
                 with gr.Row():
                     report_a, report_b = gr.Markdown(elem_id="report-a"), gr.Markdown(elem_id="report-b")
 
-        controls = [temperature, top_p, max_new, rep, seed, enhance, cache]
+        controls = [temperature, top_p, max_new, rep, seed, enhance, cache]  # ask.Controls' field order
         page.load(gateway_status, outputs=status, queue=False, show_progress="hidden")
         gr.Timer(settings.health_interval).tick(gateway_status, outputs=status, queue=False, show_progress="hidden")
         photo.change(show_photo, [photo, enhance], [seen, photo_note], queue=False, show_progress="hidden")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
 
-from shelfsight import errors
+from shelfsight import errors, params
 from shelfsight.client.client import ShelfsightClient
 from shelfsight.evaluation.run import QUESTION as STRUCTURED_QUESTION
 from shelfsight.model import imaging
@@ -41,12 +41,28 @@ class Controls:
     enhance: bool = False
     cache: str = "use"
 
+    @classmethod
+    def from_page(cls, *values) -> "Controls":
+        """The control widgets' values in field order (app.py lists the widgets in this order); the seed
+        comes from a text box: blank is None, anything else must be a whole number."""
+        kw = dict(zip([f.name for f in fields(cls)], values))
+        text = str(kw.get("seed") or "").strip()
+        try:
+            kw["seed"] = int(text) if text else None
+        except ValueError:
+            raise errors.InvalidArgument(f"seed must be a whole number (or blank for a fresh draw), got {text!r}") from None
+        return cls(**kw)
+
+    def to_page(self) -> list:
+        """The widgets' values for these controls (from_page's inverse)."""
+        return [("" if self.seed is None else str(self.seed)) if f.name == "seed" else getattr(self, f.name)
+                for f in fields(self)]
+
     def request(self) -> dict:
         """Keyword arguments for ShelfsightClient.stream / batch.ask_all."""
-        return dict(temperature=float(self.temperature), top_p=float(self.top_p),
-                    max_new_tokens=int(self.max_new_tokens), repetition_penalty=float(self.repetition_penalty),
-                    seed=None if self.seed is None else int(self.seed), enhance=bool(self.enhance),
-                    cache=self.cache)
+        chosen = {f.name: getattr(self, f.name) for f in fields(self) if f.name in params.RULES}
+        return dict({k: None if v is None else params.RULES[k].cast(v) for k, v in chosen.items()},
+                    enhance=bool(self.enhance), cache=self.cache)
 
 
 def read_photo(path: str | Path | None) -> bytes:

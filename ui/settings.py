@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shelfsight import ports
+
+
 @dataclass(frozen=True)
 class UISettings:
     target: str = ports.GATEWAY_ADDRESS  # the gateway, HOST:PORT

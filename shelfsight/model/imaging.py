@@ -24,6 +24,13 @@ Image.init()  # register every plugin now: `formats=` only finds decoders that a
 
 
 @dataclass(frozen=True)
+class PixelBounds:
+    """The area a picture is resized into (Qwen's smart resize), in pixels of the resized picture."""
+    min_pixels: int = 65_536  # 64 visual tokens
+    max_pixels: int = 1_048_576  # 1,024 visual tokens; the real checkpoint allows 16 M (16,384 tokens)
+
+
+@dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # decoded width x height; refused before decompression

@@ -31,8 +31,8 @@ from shelfsight.model import checkpoint, imaging, qwen
 class PixelPolicy:
     """How pictures become patches. min/max_pixels bound the resized area (Qwen's smart resize)."""
 
-    min_pixels: int = 65_536
-    max_pixels: int = 1_048_576  # 1,024 visual tokens; the real checkpoint allows 16 M (16,384 tokens)
+    min_pixels: int = imaging.PixelBounds.min_pixels
+    max_pixels: int = imaging.PixelBounds.max_pixels
     patch_size: int = qwen.PATCH_SIZE
     merge_size: int = qwen.MERGE_SIZE
     temporal_patch_size: int = qwen.TEMPORAL_PATCH_SIZE

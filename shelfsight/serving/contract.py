@@ -8,6 +8,7 @@ configs from here. Only names and types: no Triton, tritonclient or numpy import
 from __future__ import annotations
 
 from shelfsight import params
+
 UNARY, STREAM = "pipeline", "pipeline_stream"
 ANSWERS_FROM = {UNARY: "collect", STREAM: "generate"}  # the ensemble's second step
 
@@ -27,7 +28,8 @@ OUTPUTS = (TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON)
 
 # preprocess -> generate (and collect): model inputs, then the resolved GenerationParams as one JSON
 # string (GenerationParams.to_json), so adding a parameter touches no config.
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_key")
+INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY = "input_ids", "pixel_values", "image_grid_thw", "image_key"
+MODEL_INPUTS = (INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY)
 PARAMS = "params"
 STEP_INPUTS = MODEL_INPUTS + (PARAMS,)
 

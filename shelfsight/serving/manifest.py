@@ -10,17 +10,11 @@ from pathlib import Path
 
 from shelfsight.engine.config import EngineConfig
 from shelfsight.errors import FailedPrecondition
-from shelfsight.model.imaging import ImageLimits
+from shelfsight.model.imaging import ImageLimits, PixelBounds
 from shelfsight.params import GenerationParams, Limits
 
 FILENAME = "shelfsight.json"
 FORMAT = "shelfsight.repository/1"
-
-
-@dataclass(frozen=True)
-class PixelBounds:
-    min_pixels: int = 65_536  # 64 visual tokens
-    max_pixels: int = 1_048_576  # 1,024 visual tokens
 
 
 @dataclass(frozen=True)

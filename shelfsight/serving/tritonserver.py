@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shelfsight import ports
 from shelfsight.errors import FailedPrecondition, Unavailable
 
 FATAL_LOG_LINES = ("error while loading shared libraries", "failed to load all models",
@@ -31,7 +32,7 @@ FATAL_LOG_LINES = ("error while loading shared libraries", "failed to load all m
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ports.LOCALHOST, 0))
         return s.getsockname()[1]
 
 
@@ -52,7 +53,7 @@ class TritonSettings:
     grpc_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
-    host: str = "127.0.0.1"
+    host: str = ports.LOCALHOST
     startup_timeout: float = 300.0
     # Triton's own budget for in-flight requests and model unloading on SIGTERM. Each Python stub's
     # finalize() stops its engine and tears down a torch process: measured at 5-7 s for the tiny model

@@ -109,11 +109,11 @@ class TritonPythonModel:
         raw = scalar(request, contract.PARAMS, lambda v: v)
         if raw is None:
             raise InvalidArgument(f"{contract.PARAMS} is required")
-        params = GenerationParams.from_json(raw)  # resolved and checked by preprocess
-        ids, pixels, grid = array(request, "input_ids"), array(request, "pixel_values"), array(request, "image_grid_thw")
+        params = GenerationParams.from_json(raw, self.manifest.limits)
+        ids, pixels, grid = (array(request, n) for n in (contract.INPUT_IDS, contract.PIXEL_VALUES, contract.IMAGE_GRID_THW))
         if ids is None or pixels is None or grid is None:
-            raise InvalidArgument("input_ids, pixel_values and image_grid_thw are required")
-        key = scalar(request, "image_key", lambda v: v.decode() if isinstance(v, bytes) else str(v))
+            raise InvalidArgument(f"{contract.INPUT_IDS}, {contract.PIXEL_VALUES} and {contract.IMAGE_GRID_THW} are required")
+        key = scalar(request, contract.IMAGE_KEY, lambda v: v.decode() if isinstance(v, bytes) else str(v))
         # Copies, not views: execute() returns before the engine reads these, and the input tensors
         # live in Triton's shared memory, which is reused for other requests once the call returns.
         return Request(input_ids=torch.tensor(ids.reshape(-1), dtype=torch.int64),

@@ -32,16 +32,16 @@ class TritonPythonModel:
             if image is None:
                 raise InvalidArgument(f"{contract.IMAGE} is missing")
             gen = params.resolve(self.manifest.generation, self.manifest.limits,
-                                 **{field: scalar(request, field.upper(), rule.cast)
+                                 **{field: scalar(request, contract.OPTIONAL[field][0], rule.cast)
                                     for field, rule in params.RULES.items()})
             enhance = bool(scalar(request, contract.ENHANCE, bool) or False)
             inputs = self.pre(image.reshape(-1).tobytes(), text(request, contract.QUESTION, required=True),
                               text(request, contract.SYSTEM), enhance)
             return pb_utils.InferenceResponse([
-                tensor("input_ids", inputs.input_ids[None]),
-                tensor("pixel_values", inputs.pixel_values[None]),
-                tensor("image_grid_thw", inputs.image_grid_thw[None]),
-                tensor("image_key", np.array([[inputs.image_key.encode()]], dtype=object)),
+                tensor(contract.INPUT_IDS, inputs.input_ids[None]),
+                tensor(contract.PIXEL_VALUES, inputs.pixel_values[None]),
+                tensor(contract.IMAGE_GRID_THW, inputs.image_grid_thw[None]),
+                tensor(contract.IMAGE_KEY, np.array([[inputs.image_key.encode()]], dtype=object)),
                 tensor(contract.PARAMS, np.array([[gen.to_json()]], dtype=object)),
             ])
         except Exception as e:  # typed errors keep their code; anything else becomes INTERNAL
