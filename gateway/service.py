@@ -7,6 +7,7 @@ statuses, counts and logs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -156,12 +157,23 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                             answer.finish_reason, time.time())
 
     # ---- RPCs ----
-    async def Recognize(self, request, context):
-        t0 = time.perf_counter()
+    @contextlib.contextmanager
+    def _in_flight(self):
+        """Counts the call in flight while it runs; yields its start time."""
         self.metrics.in_flight.inc()
         try:
-            c = self.check(request)
-            kind, found, status = await self._resolve(c, context)
+            yield time.perf_counter()
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _begin(self, request, context) -> tuple:
+        """-> (Checked, kind, cached answer or flight, cache status); see _resolve."""
+        c = self.check(request)
+        return (c, *await self._resolve(c, context))
+
+    async def Recognize(self, request, context):
+        with self._in_flight() as t0:
+            c, kind, found, status = await self._begin(request, context)
             if kind == "cached":
                 outcome, upstream_s = found, 0.0
             else:
@@ -170,8 +182,6 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 finally:
                     self.flights.leave(found)
             return pb.RecognizeReply(text=outcome.text, **self._summary(c, outcome, status, t0, upstream_s))
-        finally:
-            self.metrics.in_flight.dec()
 
     async def _pieces(self, kind: str, found, done: list):
         """The answer's text as it becomes available; `done` receives (outcome, upstream seconds)."""
@@ -192,11 +202,8 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         done.append((outcome, found.upstream_seconds))
 
     async def RecognizeStream(self, request, context):
-        t0 = time.perf_counter()
-        self.metrics.in_flight.inc()
-        try:
-            c = self.check(request)
-            kind, found, status = await self._resolve(c, context)
+        with self._in_flight() as t0:
+            c, kind, found, status = await self._begin(request, context)
             done, first = [], True
             async for piece in self._pieces(kind, found, done):
                 if first:
@@ -205,5 +212,3 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                 yield pb.RecognizeChunk(text=piece)
             outcome, upstream_s = done[0]
             yield pb.RecognizeChunk(final=True, **self._summary(c, outcome, status, t0, upstream_s))
-        finally:
-            self.metrics.in_flight.dec()
