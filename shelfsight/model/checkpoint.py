@@ -115,17 +115,18 @@ def packed_linears(path: Path) -> dict[str, dict[str, Path]]:
     return index
 
 
-def quantized_modules(path: Path, bits: int):
+def quantized_modules(path: Path, bits: int, index: dict[str, dict[str, Path]] | None = None):
     """(module name, QuantizedTensor) for every GPTQ-packed linear in the checkpoint, one at a time:
     unpacked codes are int32 (8x the packed int4 bytes; 5.6 GB for the 2B decoder), so a loader that
-    turns each into its module before the next holds one linear's codes, not the decoder's."""
+    turns each into its module before the next holds one linear's codes, not the decoder's.
+    `index`: packed_linears(path), when the caller has already read it."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
 
     from shelfsight.model.gptq import unpack
 
-    index = packed_linears(path)
+    index = packed_linears(path) if index is None else index
     with ExitStack() as stack:
         files = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in weight_files(path)}
         for module, leaves in index.items():
@@ -169,13 +170,14 @@ def load_quantized(info: CheckpointInfo, config, dev, compute, reference: bool =
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=compute)
-    found = set(packed_linears(info.path))
+    index = packed_linears(info.path)
+    found = set(index)
     expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_decoder_linear(n)}
     if found != expected:
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise FailedPrecondition(f"{info.path}: quantized modules do not match the decoder "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, q in quantized_modules(info.path, info.bits):
+    for name, q in quantized_modules(info.path, info.bits, index):
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, make_linear(q, dev, compute, reference))
     packed = tuple(f".{leaf}" for leaf in GPTQ_LEAVES)

@@ -19,7 +19,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     **{field: (field.upper(), rule.triton_type) for field, rule in params.RULES.items()},
     "enhance": (ENHANCE, "BOOL"),
 }
-PARAMETER_INPUTS = tuple(field.upper() for field in params.FIELDS)
+PARAMETER_INPUTS = tuple(OPTIONAL[field][0] for field in params.FIELDS)
 
 # Public outputs, every response of either model: the text (a delta when streamed), the counts so far
 # and, on the last response, why generation ended ("stop" | "length"; "" before that).
