@@ -16,48 +16,71 @@ class Malformed:
     message: str
 
 
+# Bounds that keep the walk linear and short whatever the body: a varint is at most 10 bytes in
+# protobuf (a run of 0xFF bytes was read as one ever-growing integer, quadratic in its length: 600 KB
+# took 16 s on the event loop), and a body that needs more fields than any request of ours has is
+# not named field by field.
+MAX_VARINT = 10
+MAX_FIELDS = 1_000
+
+
+class _Unreadable(Exception):
+    """The walk gave up: truncated, an impossible varint, or past MAX_FIELDS."""
+
+
 def _varint(raw: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = raw[i]  # IndexError when truncated
-        value |= (b & 0x7F) << shift
-        i += 1
+    value = 0
+    for n in range(MAX_VARINT):
+        if i + n >= len(raw):
+            raise _Unreadable("truncated")
+        b = raw[i + n]
+        value |= (b & 0x7F) << (7 * n)
         if not b & 0x80:
-            return value, i
-        shift += 7
+            return value, i + n + 1
+    raise _Unreadable("varint longer than 10 bytes")
 
 
 def bad_utf8_field(raw: bytes, descriptor, prefix: str = "") -> str | None:
     """The dotted name of the first string field (nested messages included) whose bytes are not
-    UTF-8, or None. Walks the wire format, so it works where the message itself cannot be parsed."""
-    i = 0
+    UTF-8, or None. Walks the wire format, so it works where the message itself cannot be parsed;
+    linear in the body and at most MAX_FIELDS fields in all."""
     try:
-        while i < len(raw):
-            key, i = _varint(raw, i)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, i = _varint(raw, i)
-            elif wire_type in (1, 5):
-                i += 8 if wire_type == 1 else 4
-            elif wire_type == 2:
-                size, i = _varint(raw, i)
-                payload, i = raw[i:i + size], i + size
-                field = descriptor.fields_by_number.get(number)
-                if field is None:
-                    continue
-                if field.type == field.TYPE_STRING:
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        return prefix + field.name
-                elif field.type == field.TYPE_MESSAGE:
-                    found = bad_utf8_field(payload, field.message_type, f"{prefix}{field.name}.")
-                    if found:
-                        return found
-            else:
-                return None
-    except IndexError:
+        return _walk(raw, descriptor, prefix, [MAX_FIELDS])
+    except _Unreadable:
         return None
+
+
+def _walk(raw: bytes, descriptor, prefix: str, budget: list[int]) -> str | None:
+    i = 0
+    while i < len(raw):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _Unreadable("too many fields")
+        key, i = _varint(raw, i)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, i = _varint(raw, i)
+        elif wire_type in (1, 5):
+            i += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            size, i = _varint(raw, i)
+            if i + size > len(raw):
+                raise _Unreadable("truncated")
+            field = descriptor.fields_by_number.get(number)
+            start, i = i, i + size
+            if field is None:
+                continue
+            if field.type == field.TYPE_STRING:
+                try:
+                    raw[start:i].decode("utf-8")
+                except UnicodeDecodeError:
+                    return prefix + field.name
+            elif field.type == field.TYPE_MESSAGE:
+                found = _walk(raw[start:i], field.message_type, f"{prefix}{field.name}.", budget)
+                if found:
+                    return found
+        else:
+            return None
     return None
 
 
