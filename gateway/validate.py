@@ -32,6 +32,7 @@ class Checked:
     enhance: bool
     policy: int
     request_id: str | None  # None: the client sent none (the service names the call)
+    encoded: imaging.Encoded | None = None  # format and pixel size from the header (what decoding costs)
 
 
 def request_id(given: str) -> str | None:
@@ -46,8 +47,9 @@ def validate(request, limits: Limits, image_limits: ImageLimits, defaults: Gener
     its absent generation parameters taken from `defaults`. Raises InvalidArgument, the first rule
     broken: request id, image, question, system prompt, generation parameters, cache policy."""
     rid = request_id(request.request_id)
-    # The bytes alone (empty, too large, not a known format): decoding is Triton's preprocess step.
-    imaging.check_encoded(request.image, image_limits)
+    # The bytes and the header alone (empty, too large, not a known format, too many pixels, a header
+    # that goes on for ever): decoding is Triton's preprocess step, and the perceptual cache's.
+    encoded = imaging.check_encoded(request.image, image_limits)
     params.check_text("question", request.question, limits.max_question_chars, required=True)
     params.check_text("system_prompt", request.system_prompt, limits.max_system_chars, required=False)
     p = request.parameters
@@ -55,4 +57,4 @@ def validate(request, limits: Limits, image_limits: ImageLimits, defaults: Gener
     if request.cache_policy not in POLICIES:
         raise InvalidArgument(f"cache_policy {request.cache_policy} is not one of {', '.join(POLICIES.values())}")
     return Checked(request.image, request.question, request.system_prompt, effective, request.enhance,
-                   request.cache_policy, rid)
+                   request.cache_policy, rid, encoded)

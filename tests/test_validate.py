@@ -12,7 +12,7 @@ from shelfsight import params
 from shelfsight.errors import InvalidArgument
 from shelfsight.gateway.validate import Checked, request_id, validate
 from shelfsight.model import qwen
-from shelfsight.model.imaging import ImageLimits
+from shelfsight.model.imaging import Encoded, ImageLimits
 from shelfsight.params import GenerationParams, Limits
 from shelfsight.protos import pb
 from tests import imagefiles
@@ -40,7 +40,8 @@ def refused(**fields) -> str:
 
 def test_a_plain_request_takes_every_default():
     c = check(system_prompt="Be brief.", enhance=True)
-    assert c == Checked(PHOTO, "What brand is this?", "Be brief.", DEFAULTS, True, pb.CACHE_POLICY_USE, None)
+    assert c == Checked(PHOTO, "What brand is this?", "Be brief.", DEFAULTS, True, pb.CACHE_POLICY_USE, None,
+                        Encoded("PNG", 64, 48))
 
 
 def test_given_parameters_replace_only_their_defaults():
@@ -70,6 +71,14 @@ IMAGES = {
     "too large": (b"\xff\xd8\xff" + bytes(64 << 10), f"image is {(64 << 10) + 3} bytes; the limit is {64 << 10}"),
     "not an image": (b"%PDF-1.4 not a picture", "image is not a supported format (JPEG, PNG, WebP, BMP or GIF)"),
     "truncated header": (PHOTO[:5], "image is not a supported format (JPEG, PNG, WebP, BMP or GIF)"),
+    # read from the header, with bounded work: what Pillow would decode, or walk for seconds
+    "pixel bomb": (imagefiles.png_bomb(13_000, 13_000), "image is 13000x13000 = 169000000 pixels; the limit is "
+                   f"{IMAGE_LIMITS.max_pixels} (read from its header: a decompression bomb is refused before decoding)"),
+    "jpeg of zero bytes": (b"\xff\xd8\xff" + bytes(60_000), "image starts like a JPEG file but its header is not readable"
+                           " (corrupt or truncated)"),
+    "jpeg of empty segments": (b"\xff\xd8" + b"\xff\xe1\x00\x02" * 2_000,
+                               "JPEG header has more than 1024 segments before its pixels; not a picture this service reads"),
+    "png header cut short": (PHOTO[:20], "image starts like a PNG file but its header is not readable (corrupt or truncated)"),
 }
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from shelfsight.errors import InvalidArgument
+from shelfsight.model import headers
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
@@ -52,8 +53,22 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def check_encoded(data: bytes, limits: ImageLimits) -> str:
-    """Cheap checks on the bytes alone (used at the gateway edge too). Returns the sniffed format."""
+@dataclass(frozen=True)
+class Encoded:
+    """What the bytes alone say of a picture: its format and its pixel size (from the header)."""
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def check_encoded(data: bytes, limits: ImageLimits) -> Encoded:
+    """Cheap, bounded checks on the bytes alone (used at the gateway edge too): size, format, and the
+    pixel size read from the header (shelfsight/model/headers.py), so that neither a decompression
+    bomb nor a header Pillow would walk for seconds gets further."""
     if not data:
         raise InvalidArgument("image is empty")
     if len(data) > limits.max_bytes:
@@ -61,14 +76,17 @@ def check_encoded(data: bytes, limits: ImageLimits) -> str:
     fmt = sniff(data)
     if fmt is None:
         raise InvalidArgument("image is not a supported format (JPEG, PNG, WebP, BMP or GIF)")
-    return fmt
+    w, h = headers.dimensions(data, fmt)
+    _check_size(w, h, limits)
+    return Encoded(fmt, w, h)
 
 
 def _check_size(w: int, h: int, limits: ImageLimits) -> None:
     if w < 1 or h < 1:
         raise InvalidArgument(f"image has no pixels ({w}x{h})")
     if w * h > limits.max_pixels:
-        raise InvalidArgument(f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
+        raise InvalidArgument(f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels} "
+                              "(read from its header: a decompression bomb is refused before decoding)")
     if max(w, h) / min(w, h) > limits.max_aspect:
         raise InvalidArgument(f"image aspect ratio {max(w, h) / min(w, h):.0f}:1 exceeds {limits.max_aspect:.0f}:1")
 
@@ -89,7 +107,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def decode(data: bytes, limits: ImageLimits = ImageLimits(), enhance: bool = False) -> Image.Image:
     """Decode, orient and convert to RGB. Raises InvalidArgument naming the problem."""
-    fmt = check_encoded(data, limits)
+    fmt = check_encoded(data, limits).format
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
