@@ -13,9 +13,13 @@ partner looked up after, as the gateway does:
   noise) as JPEG q70-95, resized to 80-100%, cropped by up to 1% on any sides, and combinations.
   A perceptual hit is a true hit.
 
-Prints both rates with counts for the old rule (hash only: pHash + colour layout) and the new one
-(hash finds a candidate, the patch check decides), in the same run, the time of a lookup and of the
-check alone (both run on the gateway's thread pool), and the stored thumbnails' size.
+- the families of bench/perceptual_families.py: colour regions of 1.6-40% changed at the same grey
+  level, faint small print, one product of a shelf recoloured (false hits), and their pictures' copies.
+
+Prints the rates with counts for three rules in the same run: hash only (pHash + colour layout), the
+grey check (hash finds a candidate, the grey planes decide: the rule before colour was compared), and
+the check with colour (now); the time of a lookup and of the check alone (both run on the gateway's
+thread pool), and the stored thumbnails' size.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import synth  # noqa: E402
+from bench import perceptual_families as pf  # noqa: E402
 from shelfsight.gateway import cache, likeness  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
 
@@ -190,16 +195,20 @@ def rate(hits: int, n: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a quarter of the text pairs")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the text pairs, fewer of each family")
     ap.add_argument("--show", type=int, default=5, help="list up to N failures of each kind")
     args = ap.parse_args()
     new = CacheSettings()
-    rules = {"old (hash only)": replace(new, verify=False, max_distance=10), "new (hash + patch check)": new}
+    rules = {"hash only": replace(new, verify=False, max_distance=10),
+             "grey check (before colour)": new, "grey + colour check (now)": new}
+    colour = {"grey check (before colour)": False}  # the check's colour planes on or off
     pairs = text_pairs(quick=args.quick)
-    encoded = [(name, jpeg(render(a)), jpeg(render(b))) for name, a, b in pairs]
+    changed = {"text": [(name, jpeg(render(a)), jpeg(render(b))) for name, a, b in pairs]}
     # and a third of them asked with B also resized and re-encoded: the check then blurs to B's resolution
-    encoded += [(f"{name} (B at 90%, q80)", jpeg(render(a)), variant(render(b), quality=80, scale=0.9))
-                for name, a, b in pairs[1::3]]
+    changed["text"] += [(f"{name} (B at 90%, q80)", jpeg(render(a)), variant(render(b), quality=80, scale=0.9))
+                        for name, a, b in pairs[1::3]]
+    families = {name: make(quick=args.quick) for name, make in pf.FAMILIES.items()}
+    changed |= {name: [(n, jpeg(a), jpeg(b)) for n, a, b in items] for name, items in families.items()}
     originals = {}
     for _, a, _ in pairs:  # one picture per distinct layout for the variants
         originals.setdefault((a.text, a.font, a.canvas), render(a))
@@ -207,39 +216,53 @@ def main() -> int:
     rng = random.Random(1)
     pictures += [synth.render(synth.make_product(rng, scripts=("latin", "zh", "ja")), size=size, seed=i)
                  for i, size in enumerate([(640, 640), (800, 600), (480, 400), (1024, 768)] * (10 if not args.quick else 3))]
-    copies = [(f"{v} #{i}", jpeg(img), variant(img, **kw)) for i, img in enumerate(pictures) for v, kw in VARIANTS.items()]
-    print(f"{len(encoded)} text pairs, {len(copies)} same-picture copies ({len(pictures)} pictures x {len(VARIANTS)} variants)")
+    copies = {"labels and renders": [(f"{v} #{i}", jpeg(img), variant(img, **kw))
+                                     for i, img in enumerate(pictures) for v, kw in VARIANTS.items()]}
+    family_pictures = [a for items in families.values() for _, a, _ in items[:: 3 if not args.quick else 6]]
+    copies["the families' pictures"] = [(f"{v} #{i}", jpeg(img), variant(img, **kw))
+                                        for i, img in enumerate(family_pictures) for v, kw in VARIANTS.items()]
+    print(", ".join(f"{len(v)} {k} pairs" for k, v in changed.items()) + "; "
+          + ", ".join(f"{len(v)} copies of {k}" for k, v in copies.items()))
     checks: list[tuple[float, float]] = []  # (seconds, difference) of each check ResultCache makes
     check = cache.difference
+    use_colour = [True]
 
     def timed_check(*a):
         t0 = time.perf_counter()
-        value = check(*a)
+        value = check(*a, colour=use_colour[0])
         checks.append((time.perf_counter() - t0, value))
         return value
     cache.difference = timed_check  # ResultCache calls it through the module
-    check(likeness.decode_picture(copies[0][1]), likeness.thumbnail(likeness.decode_picture(copies[0][1]), 512))  # warm-up
-    sizes = [len(likeness.thumbnail(likeness.decode_picture(a), new.verify_side).encode()) for _, a, _ in copies[::len(VARIANTS)]]
+    first = likeness.decode_picture(copies["labels and renders"][0][1])
+    check(first, likeness.thumbnail(first, 512))  # warm-up
+    sizes = [len(likeness.thumbnail(likeness.decode_picture(a), new.verify_side).encode())
+             for _, a, _ in copies["labels and renders"][::len(VARIANTS)]]
     print(f"stored thumbnails ({new.verify_side} px, zlib): median {statistics.median(sizes) / 1024:.0f} KiB,"
           f" max {max(sizes) / 1024:.0f} KiB")
     for rule, settings in rules.items():
+        use_colour[0] = colour.get(rule, True)
         timings: list[float] = []
         checks.clear()
-        false, text_checks = run_set(settings, encoded, timings, checks, lambda hit: hit)
-        true_misses, copy_checks = run_set(settings, copies, timings, checks, lambda hit: not hit)
-        print(f"\n{rule}\n  false hits (text changed):   {rate(len(false), len(encoded))}"
-              f"\n  true hits (same picture):    {rate(len(copies) - len(true_misses), len(copies))}"
-              f"\n  lookup (exact + perceptual): {ms(timings)}")
+        print(f"\n{rule}")
+        closest = []
+        for kind, items in changed.items():
+            false, scores = run_set(settings, items, timings, checks, lambda hit: hit)
+            closest += sorted(scores)[:1]
+            print(f"  false hits, {kind + ' changed:':22s} {rate(len(false), len(items))}")
+            for n in false[: args.show]:
+                print("      false hit:", n)
+        for kind, items in copies.items():
+            misses, scores = run_set(settings, items, timings, checks, lambda hit: not hit)
+            closest += sorted(scores)[-1:]
+            print(f"  true hits, copies of {kind + ':':24s} {rate(len(items) - len(misses), len(items))}")
+            for n in misses[: args.show]:
+                print("      missed copy:", n)
+        print(f"  lookup (exact + perceptual): {ms(timings)}")
         if checks:
             print(f"  the check alone:             {ms([t for t, _ in checks])} ({len(checks)} checks)\n"
-                  f"  check score (served at <= {settings.max_difference}): text changed >= "
-                  f"{min(text_checks)[0]:.1f}, copies <= {max(copy_checks)[0]:.1f}; closest calls:")
-            for value, name in sorted(text_checks)[:3] + sorted(copy_checks)[-3:]:
+                  f"  check score (served at <= {settings.max_difference}), the closest call of each set:")
+            for value, name in closest:
                 print(f"    {value:6.1f}  {name}")
-        for n in false[: args.show]:
-            print("    false hit:", n)
-        for n in true_misses[: args.show]:
-            print("    missed copy:", n)
     return 0
 
 

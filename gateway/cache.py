@@ -15,6 +15,7 @@ Only complete, successful answers are stored (the service decides what qualifies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -185,8 +186,31 @@ class Probe:
     """What a lookup learned, reused when the answer is stored after a miss."""
 
     key: CacheKey
+    cost: int = 0  # pixels decoding the picture holds at its peak (likeness.decoded_pixels)
     signature: Signature | None = None
-    picture: object = None  # the decoded picture (Pillow, grey) until the answer is stored
+    picture: object = None  # the decoded picture (Pillow RGB, <= KEEP_SIDE) while candidates are checked
+    thumb: bytes | None = None  # the encoded thumbnail, kept from a miss until the answer is stored
+
+
+class DecodeBudget:
+    """Bounds the pixels being decoded at once: a 40 MP PNG holds 120 MB while it decodes, and eight
+    at once held 6 GB. A picture larger than the whole budget still goes, alone."""
+
+    def __init__(self, pixels: int):
+        self.limit, self.used = pixels, 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int):
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= pixels
+                self._freed.notify_all()
 
 
 class ResultCache:
@@ -195,11 +219,22 @@ class ResultCache:
     def __init__(self, settings: CacheSettings, store=None):
         self.settings = settings
         self.store = store or (RedisStore(settings.redis_url) if settings.redis_url else MemoryStore(settings.max_bytes))
+        self.decoding = DecodeBudget(settings.decode_pixels)
 
     def _examine(self, probe: Probe, image: bytes) -> None:
-        picture = decode_picture(image)
-        probe.signature = signature_of(picture, self.settings.phash_bits)
-        probe.picture = picture.convert("L")  # all the check and the thumbnail need: a third of the bytes
+        probe.picture = decode_picture(image)
+        probe.signature = signature_of(probe.picture, self.settings.phash_bits)
+
+    async def _decode(self, probe: Probe, image: bytes) -> None:
+        """Decode off the event loop, within the budget; a picture Pillow cannot read has no signature."""
+        async with self.decoding.hold(probe.cost):
+            await asyncio.to_thread(self._examine, probe, image)
+
+    def _keep_thumbnail(self, probe: Probe) -> None:
+        """Make the thumbnail a stored answer will need and let go of the decoded picture."""
+        if self.settings.verify and probe.thumb is None and probe.picture is not None:
+            probe.thumb = thumbnail(probe.picture, self.settings.verify_side).encode()
+        probe.picture = None
 
     async def lookup(self, probe: Probe, image: bytes, on_result) -> tuple[CachedAnswer, str] | None:
         """(answer, "exact" | "perceptual") or None. on_result(level, hit) reports each lookup."""
@@ -210,7 +245,7 @@ class ResultCache:
         if not self.settings.perceptual:
             return None
         try:
-            await asyncio.to_thread(self._examine, probe, image)
+            await self._decode(probe, image)
         except Exception:  # a picture Pillow cannot read has no neighbours; Triton will say why
             on_result("perceptual", False)
             return None
@@ -222,8 +257,12 @@ class ResultCache:
             raw = await self.store.get(exact)
             if raw is not None:
                 on_result("perceptual", True)
+                probe.picture = None
                 return CachedAnswer.decode(raw), "perceptual"
         on_result("perceptual", False)
+        # A miss: the model is asked next, and its answer stored with this thumbnail. Only the
+        # thumbnail (~100-250 KiB) waits for it, not the decoded picture.
+        await asyncio.to_thread(self._keep_thumbnail, probe)
         return None
 
     async def _same_picture(self, probe: Probe, exact: str) -> bool:
@@ -236,18 +275,17 @@ class ResultCache:
             return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
-        thumb = None
         if self.settings.perceptual:
             try:
-                if probe.picture is None:
-                    await asyncio.to_thread(self._examine, probe, image)
-                if self.settings.verify:
-                    thumb = (await asyncio.to_thread(thumbnail, probe.picture, self.settings.verify_side)).encode()
+                if probe.signature is None:  # not looked up (REFRESH): decode now
+                    await self._decode(probe, image)
+                await asyncio.to_thread(self._keep_thumbnail, probe)
             except Exception:
-                probe.signature = None
-        probe.picture = None  # the answer is stored: the decoded picture is not needed any more
+                probe.signature, probe.thumb = None, None
+        probe.picture = None
         await self.store.put(probe.key.exact, probe.key.context, probe.signature, answer.encode(),
-                             self.settings.ttl_seconds, thumb)
+                             self.settings.ttl_seconds, probe.thumb)
+        probe.thumb = None
 
     def stats(self):
         return self.store.stats()

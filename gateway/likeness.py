@@ -1,6 +1,7 @@
 """What makes two pictures the same for the model: the coarse signature that proposes cache candidates
-(pHash + colour layout), and the pixel-level check that decides (a stored grey thumbnail, aligned and
-compared at its worst pixel). gateway/cache.py stores and looks up; this module only compares.
+(pHash + colour layout), and the pixel-level check that decides (a stored thumbnail of grey levels and
+OKLab colour, aligned and compared at its worst pixel). gateway/cache.py stores and looks up; this module
+only compares.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from shelfsight.model.imaging import FORMATS
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,34 @@ class Signature:
         return cls(int(h, 16), bytes.fromhex(c))
 
 
+DRAFT = 512  # px: JPEGs are decoded at the smallest DCT scale that keeps both sides >= this
+KEEP_SIDE = 1024  # px: the long side a decoded picture is reduced to before it is kept (2x the thumbnail)
+
+
 def decode_picture(image: bytes):
-    """The picture as Pillow RGB, upright, decoded at >= 512 px a side: what signatures and thumbnails
-    are made from."""
+    """The picture as Pillow RGB, upright, decoded at >= 512 px a side and reduced to at most
+    KEEP_SIDE: what signatures and thumbnails are made from. The caller has read the pixel size from
+    the header (imaging.check_encoded) and bounded it; `decoded_pixels` says what this costs."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(image)) as im:
+    with Image.open(io.BytesIO(image), formats=FORMATS) as im:
         # Draft decoding keeps >= 512 px a side: a 12 MP JPEG decodes 4x smaller, cheaply. Drafting
         # further (to 128 px) made copies resized by 90% land on other DCT scales, and their hashes
         # apart: median distance 14 instead of 2 on product renders.
-        im.draft("RGB", (512, 512))
-        return ImageOps.exif_transpose(im).convert("RGB")
+        im.draft("RGB", (DRAFT, DRAFT))
+        picture = ImageOps.exif_transpose(im).convert("RGB")
+    factor = -(-max(picture.size) // KEEP_SIDE)
+    # a box reduction by a whole factor: cheap, and what is kept while the model answers is <= 3 MiB
+    return picture.reduce(factor) if factor > 1 else picture
+
+
+def decoded_pixels(fmt: str, width: int, height: int) -> int:
+    """Pixels `decode_picture` holds at its peak for a picture of this format and size."""
+    if fmt == "JPEG":
+        for scale in (8, 4, 2):
+            if width // scale >= DRAFT and height // scale >= DRAFT:
+                return -(-width // scale) * -(-height // scale)
+    return width * height
 
 
 def signature_of(picture, bits: int) -> Signature:
@@ -75,48 +95,78 @@ def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> tu
 
 # ---- verification: does the candidate show what the query shows, everywhere? ----
 # A hash summarises the whole picture, so a changed price moves it by a bit or two. The check compares
-# grey thumbnails at up to 512 px a side (a 640 px photo is seen by the model at 640: a 24 px digit is
+# thumbnails at up to 512 px a side (a 640 px photo is seen by the model at 640: a 24 px digit is
 # still ~19 px here), after undoing up to 2% of scale and shift per axis (crops of <= 1%, resizes),
-# and takes the *worst pixel*, not a mean: a changed digit changes a small region strongly.
+# and takes the *worst pixel*, not a mean: a changed digit or a recoloured cap changes a small region
+# strongly. Three planes are compared: grey (luma: where print is) and OKLab's a and b (colour at
+# the same grey level: a lipstick shade, a cap, a logo, the other SKU of the same photo).
 BLUR = 0.6  # px, both sides: a copy resized to 80% and the original reach 512 px through different
             # filters; the blur evens that out (copies' worst pixel 26 -> 20) and keeps glyph changes (>= 31)
+CHROMA_BLUR = 1.5  # px: JPEG keeps colour at half resolution (4:2:0), so copies differ there at colour
+                   # edges by a pixel or two; a changed region of 1.6% of a 640 px picture is ~65 px wide
 REACH = 0.02  # largest scale and shift (fraction of the side) the alignment tries
 CONTRAST = 128  # grey levels: how much the local range weighs (see `difference`)
+CHROMA_SCALE = 400.0  # OKLab a, b (about -0.3..0.3) stored as uint8 128 + 400 x
+# An OKLab colour difference of 0.0025 x 3 weighs as one grey level, so the served bound (47) is a colour
+# difference of 0.039: copies (JPEG q70-95, resizes, crops) reach <= 0.026 (10.3 units), a region of
+# another colour at the same grey level >= 0.077 (30.8) when it differs by 0.08 (bench/perceptual_pairs.py).
+CHROMA_WEIGHT = 3.0
+MAGIC = b"SL3"  # a thumbnail of three planes; anything else (the old grey-only ones) is never vouched for
 
 
 @dataclass(frozen=True)
 class Thumbnail:
-    pixels: np.ndarray  # (h, w) uint8, long side = the settings' verify_side, blurred by BLUR
+    pixels: np.ndarray  # (3, h, w) uint8: grey, a, b; long side = the settings' verify_side
 
     def encode(self) -> bytes:
-        h, w = self.pixels.shape
-        return struct.pack("<HH", h, w) + zlib.compress(self.pixels.tobytes(), 1)
+        _, h, w = self.pixels.shape
+        return MAGIC + struct.pack("<HH", h, w) + zlib.compress(self.pixels.tobytes(), 1)
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Thumbnail":
-        h, w = struct.unpack("<HH", raw[:4])
-        return cls(np.frombuffer(zlib.decompress(raw[4:]), np.uint8).reshape(h, w))
+    def decode(cls, raw: bytes) -> "Thumbnail | None":
+        """The thumbnail, or None for one stored in another format (it cannot vouch for colour)."""
+        if not raw.startswith(MAGIC):
+            return None
+        h, w = struct.unpack("<HH", raw[3:7])
+        return cls(np.frombuffer(zlib.decompress(raw[7:]), np.uint8).reshape(3, h, w))
 
 
-def _grey(picture, size: tuple[int, int], box=None) -> np.ndarray:
+_M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929], [0.2119034982, 0.6806995451, 0.1073969566],
+                [0.0883024619, 0.2817188376, 0.6299787005]], np.float32)
+_M2AB = np.array([[1.9779984951, -2.4285922050, 0.4505937099],
+                  [0.0259040371, 0.7827717662, -0.8086757660]], np.float32)  # OKLab's a, b rows
+_LINEAR = ((np.arange(256, dtype=np.float64) / 255 + 0.055) / 1.055) ** 2.4
+_LINEAR[:11] = np.arange(11) / 255 / 12.92  # sRGB decoding for every 8-bit value (c <= 0.04045)
+_LINEAR = _LINEAR.astype(np.float32)
+
+
+def _planes(picture, size: tuple[int, int], box=None) -> np.ndarray:
+    """(3, h, w) float32: grey levels blurred by BLUR, OKLab a and b x CHROMA_SCALE blurred by CHROMA_BLUR."""
     from PIL import Image
     from scipy import ndimage
 
-    small = np.asarray(picture.convert("L").resize(size, Image.BILINEAR, box=box), np.float32)
-    return ndimage.gaussian_filter(small, BLUR)
+    small = picture.convert("RGB").resize(size, Image.BILINEAR, box=box)
+    grey = np.asarray(small.convert("L"), np.float32)
+    rgb = _LINEAR[np.asarray(small)]  # (h, w, 3) linear light
+    lms = np.cbrt(rgb @ _M1.T)
+    ab = np.moveaxis(lms @ _M2AB.T, -1, 0) * CHROMA_SCALE  # (2, h, w)
+    return np.stack([ndimage.gaussian_filter(grey, BLUR),
+                     ndimage.gaussian_filter(ab[0], CHROMA_BLUR), ndimage.gaussian_filter(ab[1], CHROMA_BLUR)])
 
 
 def thumbnail(picture, side: int) -> Thumbnail:
     w, h = picture.size
     f = min(1.0, side / max(w, h))
     size = (max(1, round(w * f)), max(1, round(h * f)))
-    return Thumbnail(np.clip(np.rint(_grey(picture, size)), 0, 255).astype(np.uint8))
+    p = _planes(picture, size)
+    p[1:] += 128
+    return Thumbnail(np.clip(np.rint(p), 0, 255).astype(np.uint8))
 
 
 def _align(q: np.ndarray, r: np.ndarray) -> list[tuple[float, float]]:
     """Per axis (y, x), the scale s and shift t (px) with r(c + s(x - c) + t) ~ q(x), c the centre:
-    a coarse-to-fine grid search on the mean row and column profiles. A 1% crop is a 1% scale plus a
-    shift; the fine step leaves <= 0.25 px of error at the edges."""
+    a coarse-to-fine grid search on the mean row and column profiles of the grey planes. A 1% crop
+    is a 1% scale plus a shift; the fine step leaves <= 0.25 px of error at the edges."""
     out = []
     for axis in (0, 1):
         pq, pr = q.mean(axis=1 - axis), r.mean(axis=1 - axis)
@@ -150,17 +200,33 @@ def _filter3(b: np.ndarray, op) -> np.ndarray:
     return op(op(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
 
 
-def difference(picture, stored: Thumbnail) -> float:
+def _excess(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    return np.maximum(_envelope_excess(q, r), _envelope_excess(r, q))
+
+
+def difference(picture, stored: Thumbnail | None, colour: bool = True) -> float:
     """The largest disagreement between a decoded picture and a stored thumbnail, after alignment:
     grey levels outside what the other side takes within half a pixel, weighed by local contrast
-    (0 .. ~3x255), ignoring a 3% border (what a <= 1% crop removes or adds)."""
+    (0 .. ~3x255), or the OKLab colour difference (in grey-level units, CHROMA_WEIGHT) where that is
+    larger, ignoring a 3% border (what a <= 1% crop removes or adds). colour=False compares grey
+    alone (the rule before colour was compared: kept to measure against, not to run)."""
+    grey, chroma = disagreement(picture, stored)
+    return max(grey, CHROMA_WEIGHT * chroma) if colour else grey
+
+
+def disagreement(picture, stored: Thumbnail | None) -> tuple[float, float]:
+    """(worst weighed grey excess, worst OKLab colour excess x CHROMA_SCALE); inf where the stored side
+    cannot vouch (another format, or too small to align)."""
     from PIL import ImageOps
 
+    if stored is None:
+        return float("inf"), float("inf")
     r = stored.pixels.astype(np.float32)
-    h, w = r.shape
+    r[1:] -= 128
+    _, h, w = r.shape
     if min(h, w) < 32:  # too small to align and compare: never vouch for it
-        return float("inf")
-    (sy, ty), (sx, tx) = _align(_grey(picture, (w, h)), r)
+        return float("inf"), float("inf")
+    (sy, ty), (sx, tx) = _align(_planes(picture, (w, h))[0], r[0])
     # Resample the picture itself onto the thumbnail's grid, moved by the alignment, so that both sides
     # are filtered with the same phase (resampling the thumbnail instead smeared its thin lines).
     W, H = picture.size
@@ -168,7 +234,7 @@ def difference(picture, stored: Thumbnail) -> float:
     fx, fy = W / w, H / h
     x0, x1 = ((X - w / 2 - tx) / sx + w / 2 for X in (0, w))
     y0, y1 = ((Y - h / 2 - ty) / sy + h / 2 for Y in (0, h))
-    q = _grey(ImageOps.expand(picture, pad), (w, h), box=(x0 * fx + pad, y0 * fy + pad, x1 * fx + pad, y1 * fy + pad))
+    q = _planes(ImageOps.expand(picture, pad), (w, h), box=(x0 * fx + pad, y0 * fy + pad, x1 * fx + pad, y1 * fy + pad))
     # A query with fewer pixels than the grid was enlarged onto it: interpolation smoothed it and it
     # lacks the stored side's fine detail (noise, edges). Blur both to the query's resolution (measured
     # on noisy 480 px renders: 97% copies 31 -> 18, 90% 40 -> 15, 80% 46 -> 11).
@@ -177,13 +243,15 @@ def difference(picture, stored: Thumbnail) -> float:
         from scipy import ndimage
 
         extra = max(0.8, 3 * BLUR * np.sqrt(enlarged ** 2 - 1))
-        q, r = ndimage.gaussian_filter(q, extra), ndimage.gaussian_filter(r, extra)
-    excess = np.maximum(_envelope_excess(q, r), _envelope_excess(r, q))
+        q, r = (ndimage.gaussian_filter(x, (0, extra, extra)) for x in (q, r))
+    grey = _excess(q[0], r[0])
     # Weighed by the local contrast (5x5 range of both): a changed glyph in white on yellow differs by
     # ~22 grey levels of a 63-level range, while re-sampled edges and noise of copies reach ~22 where
     # the range is ~200. Full-range excess counts as is, flat-region excess up to 3x.
-    span = _filter3(_filter3(np.maximum(q, r), np.maximum), np.maximum) - \
-        _filter3(_filter3(np.minimum(q, r), np.minimum), np.minimum)
-    score = excess * (255 + CONTRAST) / (span + CONTRAST)
+    hi, lo = np.maximum(q[0], r[0]), np.minimum(q[0], r[0])
+    span = _filter3(_filter3(hi, np.maximum), np.maximum) - _filter3(_filter3(lo, np.minimum), np.minimum)
+    score = grey * (255 + CONTRAST) / (span + CONTRAST)
+    chroma = np.hypot(_excess(q[1], r[1]), _excess(q[2], r[2]))
     my, mx = int(np.ceil(0.03 * h)) + 1, int(np.ceil(0.03 * w)) + 1
-    return float(score[my:h - my, mx:w - mx].max(initial=0.0))
+    inner = (slice(my, h - my), slice(mx, w - mx))
+    return float(score[inner].max(initial=0.0)), float(chroma[inner].max(initial=0.0))

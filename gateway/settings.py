@@ -34,6 +34,9 @@ class CacheSettings:
     # CACHE_POLICY_REFRESH / SKIP get a fresh draw; False caches only greedy and seeded answers.
     cache_sampled: bool = True
     redis_url: str | None = None  # shared cache for several gateway replicas
+    # Pixels the perceptual level decodes at once (likeness.decoded_pixels: JPEGs decode drafted, others
+    # whole). 64 M: one picture at the 40 MP limit and some smaller ones, ~200 MB of RGB at the peak.
+    decode_pixels: int = 64_000_000
 
 
 @dataclass(frozen=True)

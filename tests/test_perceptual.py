@@ -4,11 +4,14 @@ redis-server. The full set and the rates are in bench/perceptual_pairs.py."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
+import zlib
 from dataclasses import replace
 
 import pytest
 
+from bench import perceptual_families as pf
 from bench import perceptual_pairs as pp
 from shelfsight.gateway import cache, likeness
 from shelfsight.gateway.settings import CacheSettings
@@ -103,10 +106,21 @@ def test_thumbnail_is_bounded_and_round_trips():
     a, _ = pp.issue_pair()
     t = likeness.thumbnail(likeness.decode_picture(a), 512)
     raw = t.encode()
-    assert t.pixels.shape == (512, 512) and len(raw) < 512 * 512
+    assert t.pixels.shape == (3, 512, 512) and len(raw) < 512 * 512  # grey, a, b; zlib
     assert (likeness.Thumbnail.decode(raw).pixels == t.pixels).all()
     assert likeness.thumbnail(likeness.decode_picture(pp.jpeg(pp.render(replace(PINNED[0], canvas=(300, 200))))),
-                           512).pixels.shape == (200, 300)  # never enlarged
+                           512).pixels.shape == (3, 200, 300)  # never enlarged
+
+
+def test_a_grey_only_thumbnail_of_an_older_gateway_never_vouches():
+    """Entries stored before colour was compared (in a shared Redis) cannot say the colours agree."""
+    a, _ = pp.issue_pair()
+    picture = likeness.decode_picture(a)
+    grey = likeness.thumbnail(picture, 512).pixels[0]
+    old = struct.pack("<HH", *grey.shape) + zlib.compress(grey.tobytes(), 1)  # the old format
+    assert likeness.Thumbnail.decode(old) is None
+    assert likeness.difference(picture, likeness.Thumbnail.decode(old)) == float("inf")
+    assert likeness.difference(picture, likeness.thumbnail(picture, 512)) < 5
 
 
 def test_memory_store_counts_thumbnails_in_its_bytes():
@@ -142,3 +156,90 @@ def test_pictures_too_small_to_check_are_never_vouched_for():
     tiny = pp.jpeg(Image.new("RGB", (24, 24), (40, 150, 70)))
     assert likeness.difference(likeness.decode_picture(tiny), likeness.thumbnail(likeness.decode_picture(tiny), 512)) == float("inf")
     assert asyncio.run(served(memory_cache(), tiny, pp.jpeg(Image.new("RGB", (24, 24), (41, 150, 70))))) is None
+
+
+# ---- colour: the same photo of another SKU ----
+
+def colour_pair(fraction: float, shape: str, a, b, size=(640, 640), seed=3) -> tuple[bytes, bytes]:
+    """A product render with a region of `fraction` of the picture in colour a, then in b (same grey)."""
+    from shelfsight import synth
+
+    base = synth.render(synth.make_product(__import__("random").Random(seed)), size=size, seed=seed)
+    region = pf.Region(fraction, shape, (0.55, 0.45))
+    return pp.jpeg(pf.draw_region(base, region, a)), pp.jpeg(pf.draw_region(base, region, b))
+
+
+# (fraction, shape, colour A, colour B at A's grey level (within 3 levels), OKLab a-b distance): the issue's
+# sizes (1.6-10%: 42 of 62 were served the other colour's answer) and larger ones, several hues
+COLOUR_PAIRS = [
+    (0.016, "ellipse", (176, 3, 93), (92, 44, 83)),  # magenta cap -> plum, 0.12
+    (0.016, "rect", (190, 30, 60), (170, 43, 30)),  # a lipstick's shade: crimson -> brick, 0.045
+    (0.03, "stripe", (130, 197, 77), (115, 182, 184)),  # green sole -> teal, 0.15
+    (0.05, "rect", (70, 98, 226), (58, 114, 153)),  # blue logo -> slate, 0.13
+    (0.05, "ellipse", (40, 80, 190), (0, 94, 240)),  # royal blue -> azure, 0.055
+    (0.10, "stripe", (47, 117, 48), (62, 102, 84)),  # green band -> grey-green, 0.076
+    (0.10, "ellipse", (230, 130, 170), (255, 115, 185)),  # pink lid -> hot pink, 0.056
+    (0.40, "rect", (185, 54, 74), (128, 72, 126)),  # raspberry -> purple, 0.12
+]
+
+
+@pytest.mark.parametrize("fraction,shape,a,b", COLOUR_PAIRS)
+def test_a_region_in_another_colour_at_the_same_grey_level_is_a_miss(fraction, shape, a, b):
+    assert abs(pf.luma(a) - pf.luma(b)) < 5  # the grey planes alone cannot tell them apart
+    first, second = colour_pair(fraction, shape, a, b)
+    assert asyncio.run(served(memory_cache(), first, second)) is None
+    # and the copies of each colour are still served
+    img = likeness.decode_picture(second)
+    for name in COPIES:
+        assert asyncio.run(served(memory_cache(), second, pp.variant(img, **pp.VARIANTS[name]))) == "perceptual", name
+
+
+def test_the_grey_check_alone_served_the_other_colour():
+    """The defect, measured: the same pairs through the check without its colour planes."""
+    served_grey = 0
+    for fraction, shape, a, b in COLOUR_PAIRS:
+        first, second = colour_pair(fraction, shape, a, b)
+        picture = likeness.decode_picture(second)
+        stored = likeness.thumbnail(likeness.decode_picture(first), 512)
+        served_grey += likeness.difference(picture, stored, colour=False) <= CacheSettings().max_difference
+        assert likeness.difference(picture, stored) > CacheSettings().max_difference
+    assert served_grey >= len(COLOUR_PAIRS) - 1
+
+
+def test_one_product_of_a_shelf_recoloured_is_a_miss():
+    from shelfsight import synth
+
+    rng = __import__("random").Random(5)
+    items = [synth.make_product(rng) for _ in range(12)]
+    seeds = list(range(12))
+    for k, colour in ((0, "red"), (7, "brown")):
+        other = [p if i != k else synth.Product(**pf._recoloured(p, colour if p.colour != colour else "pink"))
+                 for i, p in enumerate(items)]
+        a, b = pp.jpeg(pf.shelf(items, seeds, (800, 600))), pp.jpeg(pf.shelf(other, seeds, (800, 600)))
+        assert asyncio.run(served(memory_cache(), a, b)) is None, k
+        assert asyncio.run(served(memory_cache(), a, pp.variant(pf.shelf(items, seeds, (800, 600)),
+                                                               quality=80, scale=0.9))) == "perceptual"
+
+
+def test_redis_store_keeps_the_colour_planes(redis_url):  # noqa: F811
+    async def scenario():
+        rc = cache.ResultCache(CacheSettings(redis_url=redis_url))
+        try:
+            first, second = colour_pair(*COLOUR_PAIRS[0])
+            img = likeness.decode_picture(first)
+            return [await served(rc, first, second), await served(rc, first, pp.variant(img, quality=80, scale=0.9))]
+        finally:
+            await rc.close()
+    assert asyncio.run(scenario()) == [None, "perceptual"]
+
+
+def test_gateway_asks_the_model_for_the_other_colour(gateway):
+    from shelfsight.client import ShelfsightClient
+    from tests.test_gateway import GREEDY, target
+
+    first, second = colour_pair(0.03, "stripe", (130, 197, 77), (115, 182, 184), seed=9)
+    q = "What colour is the sole?"
+    with ShelfsightClient(target(gateway)) as c:
+        statuses = [c.recognize(im, q, **GREEDY).cache_status
+                    for im in (first, second, pp.variant(likeness.decode_picture(second), quality=80, scale=0.9))]
+    assert statuses == ["miss", "miss", "perceptual"]
