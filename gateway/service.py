@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ import uuid
 from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
+from shelfsight.gateway.likeness import decoded_pixels
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
@@ -30,6 +32,7 @@ logger = logging.getLogger("shelfsight.gateway")
 CALL_LOG: contextvars.ContextVar[dict] = contextvars.ContextVar("call_log")
 STATUS = {"miss": pb.CACHE_STATUS_MISS, "exact": pb.CACHE_STATUS_EXACT, "perceptual": pb.CACHE_STATUS_PERCEPTUAL,
           "coalesced": pb.CACHE_STATUS_COALESCED}
+HASH_ON_LOOP = 1 << 20  # bytes: a larger image's key is computed on a worker thread
 
 
 class ProductVisionService(pb_grpc.ProductVisionServicer):
@@ -127,13 +130,21 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         model_id = self.upstream.model().model_id
         probe = None
         if self._cacheable(c):
-            probe = Probe(make_key(c.image, c.question, c.system, dataclasses.asdict(c.params), model_id, c.enhance))
+            key = functools.partial(make_key, c.image, c.question, c.system, dataclasses.asdict(c.params), model_id,
+                                    c.enhance)
+            # hashing 20 MB takes ~15 ms: not on the event loop, where every other call waits for it
+            key = await asyncio.to_thread(key) if len(c.image) > HASH_ON_LOOP else key()
+            e = c.encoded
+            probe = Probe(key, cost=decoded_pixels(e.format, e.width, e.height) if e else 0)
             if c.policy == pb.CACHE_POLICY_USE:
                 hit = await self.cache.lookup(probe, c.image, self._on_lookup)
                 if hit is not None:
                     return "cached", hit[0], hit[1]
         share = probe.key.exact if probe is not None and c.policy == pb.CACHE_POLICY_USE else None
-        timeout = self._timeout(context)
+        # A shared call must not inherit the deadline of whoever started it: a follower with a longer
+        # one would fail with it. Each follower waits under its own deadline and leaves when it passes
+        # (the last to leave cancels the call), so a shared call is bounded only by the gateway's cap.
+        timeout = self._timeout(context) if share is None else self.settings.upstream_timeout
         flight, coalesced = self.flights.join(share, lambda f: self._call(f, c, probe, timeout))
         if coalesced:
             self.metrics.coalesced.inc()
