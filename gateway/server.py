@@ -7,6 +7,7 @@ of typed errors to gRPC statuses, and one structured JSON log line per call with
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import signal
@@ -121,6 +122,21 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         return call
 
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system. By default it raises its mmap threshold
+    to the size of each large block freed (up to 32 MB), so decoded pictures were later allocated in
+    heaps that never shrink, one per decoding thread: the gateway's RSS grew from 88 MB to 561 MB over
+    a fuzz run and stayed there. A fixed threshold keeps blocks of >= 1 MiB in mmap (freed = returned),
+    and two arenas stop every worker thread from keeping a heap of its own."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    libc.mallopt(M_ARENA_MAX, 2)
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
@@ -144,6 +160,7 @@ class Gateway:
 
     async def start(self) -> "Gateway":
         s = self.settings
+        return_freed_memory()
         self.health = health.aio.HealthServicer()
         http = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._http = http

@@ -1,0 +1,161 @@
+"""No request can stall the gateway, take unbounded memory, or lend its deadline to another: a real
+tritonserver with the tiny model and a real gateway (in this process, so its RSS is this process's)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from shelfsight import errors
+from shelfsight.client import AsyncShelfsightClient, ShelfsightClient
+from tests import imagefiles
+from tests.conftest import run
+from tests.test_gateway import _raw_call, metric, photo, target
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """The largest RSS of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.base = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def health_latencies(gw, stop: threading.Event, out: list[float]) -> None:
+    with grpc.insecure_channel(target(gw)) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            out.append(time.perf_counter() - t0)
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize("body", ["0xff", "many fields"])
+def test_a_hostile_body_is_refused_at_once_and_health_keeps_answering(gateway, body):
+    """600 KB of 0xFF took 15.9 s to refuse (a varint read as one ever-growing integer), and every other
+    call waited; 300,000 valid-looking fields are the same attack made of legal varints."""
+    raw = b"\xff" * 600_000 if body == "0xff" else b"\x08\x01" * 300_000
+    stop, latencies = threading.Event(), []
+    checker = threading.Thread(target=health_latencies, args=(gateway, stop, latencies))
+    checker.start()
+    time.sleep(0.1)
+    took = []
+    try:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                _raw_call(gateway, "Recognize", raw)
+            took.append(time.perf_counter() - t0)
+            assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,), info.value.details()
+    finally:
+        stop.set()
+        checker.join()
+    assert min(took) < 0.1, took
+    assert latencies and max(latencies) < 0.1, max(latencies)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: imagefiles.png_bomb(13_000, 13_000), "13000x13000 = 169000000 pixels; the limit is 40000000"),
+    (lambda: b"\xff\xd8" + b"\xff\xe1\x00\x02" * 500_000, "JPEG header has more than 1024 segments"),
+    (lambda: b"\xff\xd8\xff" + b"\xff" * 2_000_000, "JPEG header has more than 65536 bytes"),
+])
+def test_pixel_bombs_and_endless_headers_are_refused_before_decoding(gateway, make, message):
+    """A 20 KB PNG of 13000x13000 was decoded by the perceptual lookup: 1.14 GB for one, 6.27 GB for 8."""
+    image = make()
+
+    async def burst():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            return await asyncio.gather(*(c.recognize(image, f"What is it? {i}", max_new_tokens=2)
+                                          for i in range(8)), return_exceptions=True)
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        results = run(burst())
+        seconds = time.perf_counter() - t0
+    assert all(isinstance(r, errors.InvalidArgument) and message in r.message for r in results), results
+    assert mem.growth < 50e6, f"the gateway grew by {mem.growth / 1e6:.0f} MB"
+    assert seconds < 5
+
+
+def test_large_pictures_under_the_limit_are_decoded_within_the_budget(gateway):
+    """36 MP PNGs of a few KB (they decode to 108 MB each), 8 at once with the cache on: the perceptual
+    level decodes them within its pixel budget, each is answered, and the memory comes back."""
+    flat = [imagefiles.encode(Image.new("RGB", (6000, 6000), (200, 30 + i, 40)), "PNG") for i in range(8)]
+    before = rss()
+
+    async def burst():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            return await asyncio.gather(*(c.recognize(im, "What colour is it?", temperature=0.0, max_new_tokens=2)
+                                          for im in flat))
+    with PeakRss() as mem:
+        replies = run(burst())
+    assert [r.cache_status for r in replies].count("miss") >= 1 and all(r.completion_tokens == 2 for r in replies)
+    # one decode of 108 MB RGB at a time (the budget: 64 M pixels) plus what gRPC holds of the bodies
+    assert mem.growth < 450e6, f"peak growth {mem.growth / 1e6:.0f} MB"
+    time.sleep(0.5)
+    assert rss() - before < 120e6, f"kept {(rss() - before) / 1e6:.0f} MB"
+
+
+def test_a_coalesced_follower_keeps_its_own_deadline(gateway):
+    """A asks with a 1 s deadline, B the same 0.3 s later with 60 s: A's deadline ends A alone."""
+    ask = dict(temperature=0.0, max_new_tokens=600)  # a few seconds on the tiny model
+    image = photo(70)
+
+    async def scenario():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            first = asyncio.create_task(c.recognize(image, "Describe it.", timeout=1.0, **ask))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(c.recognize(image, "Describe it.", timeout=60, **ask))
+            return await asyncio.gather(first, second, return_exceptions=True)
+    coalesced0 = metric(gateway, "shelfsight_coalesced_requests_total")
+    a, b = run(scenario())
+    assert isinstance(a, errors.DeadlineExceeded), a
+    assert not isinstance(b, BaseException), b
+    assert b.cache_status == "coalesced" and b.completion_tokens > 0
+    assert metric(gateway, "shelfsight_coalesced_requests_total") == coalesced0 + 1
+
+
+def test_a_coalesced_follower_outlives_a_leader_that_cancels(gateway):
+    ask = dict(temperature=0.0, max_new_tokens=400)
+    image = photo(71)
+
+    async def scenario():
+        async with AsyncShelfsightClient(target(gateway)) as c:
+            first = asyncio.create_task(c.recognize(image, "Describe it.", **ask))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(c.recognize(image, "Describe it.", **ask))
+            await asyncio.sleep(0.3)
+            first.cancel()
+            return await asyncio.gather(first, second, return_exceptions=True)
+    a, b = run(scenario())
+    assert isinstance(a, asyncio.CancelledError)
+    assert b.cache_status == "coalesced" and b.completion_tokens > 0
+    with ShelfsightClient(target(gateway)) as c:  # and the answer the follower got was stored
+        assert c.recognize(image, "Describe it.", **ask).cache_status == "exact"
