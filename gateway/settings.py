@@ -34,6 +34,11 @@ class CacheSettings:
     # CACHE_POLICY_REFRESH / SKIP get a fresh draw; False caches only greedy and seeded answers.
     cache_sampled: bool = True
     redis_url: str | None = None  # shared cache for several gateway replicas
+    # The shared cache is an optimisation, so it may cost a request little: each Redis operation gets
+    # `redis_timeout` seconds (retries included; loopback answers in ~0.2 ms), and once one fails the
+    # gateway answers without Redis and probes it every `redis_retry` seconds (gateway/resilient.py).
+    redis_timeout: float = 0.5
+    redis_retry: float = 1.0
 
 
 @dataclass(frozen=True)
