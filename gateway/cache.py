@@ -23,6 +23,7 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from shelfsight.errors import CacheUnavailable
 from shelfsight.gateway.likeness import Signature, Thumbnail, decode_picture, difference, near, signature_of, thumbnail
 from shelfsight.gateway.settings import CacheSettings
 
@@ -133,31 +134,60 @@ class MemoryStore:
 
 class RedisStore:
     """Shared store for several gateways: answers and thumbnails as keys with a TTL, picture hashes per
-    context in a hash. Redis's own maxmemory policy bounds its size."""
+    context in a hash. Redis's own maxmemory policy bounds its size.
 
-    def __init__(self, url: str, prefix: str = "shelfsight"):
+    Every failure leaves as CacheUnavailable; the gateway wraps this store in resilient.GuardedStore,
+    which bounds each operation in time and answers without Redis while it is down."""
+
+    # A pooled connection idle this long is PINGed before its next command: one that a Redis restart or
+    # a NAT cut while idle is replaced instead of failing a request.
+    HEALTH_CHECK_SECONDS = 15
+
+    def __init__(self, url: str, prefix: str = "shelfsight", timeout: float = 5.0):
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self.redis = redis.Redis.from_url(url)
+        # Socket timeouts so that a hung Redis cannot hold a connection for redis-py's default 5 s.
+        # One immediate retry on a fresh connection: after Redis restarts, every pooled connection is
+        # dead and would fail its first command. Every command here is idempotent (GET, SET, HSET,
+        # PEXPIRE, EXISTS, HGETALL, HDEL, PING), so sending one twice is harmless.
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                          retry=Retry(NoBackoff(), retries=1),
+                                          health_check_interval=self.HEALTH_CHECK_SECONDS)
         self.prefix = prefix
 
+    @contextlib.asynccontextmanager
+    async def _reach(self, what: str):
+        from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+        try:
+            yield
+        except (ConnectionError, TimeoutError, OSError) as e:  # OSError: what a socket raises unwrapped
+            raise CacheUnavailable(f"redis {what}: {type(e).__name__}: {e}") from e
+        except RedisError as e:  # it answered, with an error: it is up but refuses this
+            raise CacheUnavailable(f"redis {what}: {type(e).__name__}: {e}", reachable=True) from e
+
     async def get(self, exact: str) -> bytes | None:
-        return await self.redis.get(f"{self.prefix}:x:{exact}")
+        async with self._reach("get"):
+            return await self.redis.get(f"{self.prefix}:x:{exact}")
 
     async def thumbnail(self, exact: str) -> bytes | None:
-        return await self.redis.get(f"{self.prefix}:t:{exact}")
+        async with self._reach("thumbnail"):
+            return await self.redis.get(f"{self.prefix}:t:{exact}")
 
     async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
         index = f"{self.prefix}:p:{context}"
-        found = [(d, exact.decode()) for exact, raw in (await self.redis.hgetall(index)).items()
-                 if (d := near(sig, Signature.decode(raw.decode()), max_distance, max_colour)) is not None]
-        pipe = self.redis.pipeline()
-        for _, exact in found:
-            pipe.exists(f"{self.prefix}:x:{exact}")
-        live = await pipe.execute() if found else []
-        gone = [exact for (_, exact), ok in zip(found, live) if not ok]
-        if gone:  # their answers expired: forget their signatures too
-            await self.redis.hdel(index, *gone)
+        async with self._reach("candidates"):
+            found = [(d, exact.decode()) for exact, raw in (await self.redis.hgetall(index)).items()
+                     if (d := near(sig, Signature.decode(raw.decode()), max_distance, max_colour)) is not None]
+            pipe = self.redis.pipeline()
+            for _, exact in found:
+                pipe.exists(f"{self.prefix}:x:{exact}")
+            live = await pipe.execute() if found else []
+            gone = [exact for (_, exact), ok in zip(found, live) if not ok]
+            if gone:  # their answers expired: forget their signatures too
+                await self.redis.hdel(index, *gone)
         found = [f for f, ok in zip(found, live) if ok]
         return _nearest_first(found)
 
@@ -172,7 +202,18 @@ class RedisStore:
             index = f"{self.prefix}:p:{context}"
             pipe.hset(index, exact, sig.encode())
             pipe.pexpire(index, ms)
-        await pipe.execute()
+        async with self._reach("put"):
+            await pipe.execute()
+
+    async def ping(self) -> None:
+        async with self._reach("ping"):
+            await self.redis.ping()
+
+    async def reset(self) -> None:
+        """Drop the idle pooled connections: after an outage they point at a server that is gone (one in
+        use is its command's to drop, and redis-py does when that command fails)."""
+        async with self._reach("reset"):
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
 
     def stats(self) -> tuple[int, int] | None:
         return None  # lives in Redis; see its INFO

@@ -31,6 +31,10 @@ def add_gateway_flags(p) -> None:
                    help="cache only greedy and seeded answers, not sampled ones (temperature>0, no seed: "
                         "the serving defaults; cached by default, REFRESH gives a fresh draw)")
     p.add_argument("--redis", help="redis://HOST:PORT/DB: a cache shared by several gateways")
+    p.add_argument("--redis-timeout", type=float, default=cache.redis_timeout,
+                   help="seconds one Redis operation may take; past it the request goes on without the cache")
+    p.add_argument("--redis-retry", type=float, default=cache.redis_retry,
+                   help="seconds between probes of a Redis that failed (requests skip it meanwhile)")
     p.add_argument("--shutdown-grace", type=float, default=s.shutdown_grace,
                    help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
@@ -45,7 +49,8 @@ def settings_from(args, triton_url: str):
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
                             max_difference=args.max_difference,
-                            cache_sampled=args.cache_sampled, redis_url=args.redis))
+                            cache_sampled=args.cache_sampled, redis_url=args.redis,
+                            redis_timeout=args.redis_timeout, redis_retry=args.redis_retry))
 
 
 def register(sub) -> None:

@@ -35,6 +35,15 @@ class GatewayMetrics:
                                      "RecognizeStream: request to first text chunk.", buckets=LATENCY, registry=r)
         self.cache_lookups = Counter("shelfsight_cache_lookups_total", "Result-cache lookups by level and result.",
                                      ("level", "result"), registry=r)
+        self.cache_up = Gauge("shelfsight_cache_up", "1 when the result cache's store answers (the in-memory "
+                              "one always does), 0 while a shared one (Redis) is down and requests go without it.",
+                              registry=r)
+        self.cache_errors = Counter("shelfsight_cache_errors_total", "Result-cache operations that failed "
+                                    "(unreachable, timed out or refused); the request went on without the cache.",
+                                    ("op",), registry=r)
+        self.cache_skipped = Counter("shelfsight_cache_skipped_total", "Result-cache operations not attempted "
+                                     "because the shared cache was down; the request went on without it.",
+                                     ("op",), registry=r)
         self.coalesced = Counter("shelfsight_coalesced_requests_total",
                                  "Requests answered by an identical call already in flight.", registry=r)
         self.cache_entries = Gauge("shelfsight_cache_entries", "Answers held in the in-memory cache.", registry=r)
@@ -63,6 +72,9 @@ class GatewayMetrics:
         for level in ("exact", "perceptual"):
             for result in ("hit", "miss"):
                 self.cache_lookups.labels(level, result)  # present from the start, at zero
+        for op in ("get", "thumbnail", "candidates", "put"):
+            self.cache_errors.labels(op)
+            self.cache_skipped.labels(op)
 
     def forget_replica(self, replica: str) -> None:
         """Drop a retired replica's series."""

@@ -22,6 +22,7 @@ from shelfsight.gateway.cache import ResultCache
 from shelfsight.gateway.malformed import Malformed, lenient
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas, parse_targets
+from shelfsight.gateway.resilient import GuardedStore, open_store
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.tasks import Background
@@ -29,6 +30,10 @@ from shelfsight.protos import SERVICE, pb, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
 access = logging.getLogger("shelfsight.gateway.access")
+# Health of the result cache's store, apart from the service's: NOT_SERVING while a shared Redis is down.
+# The gateway still answers then (from the model), so "" and SERVICE must not follow it: a readiness
+# probe on them would take every gateway out of service when Redis dies.
+CACHE_HEALTH = "shelfsight.cache"
 
 
 def _final_code(context, exc: BaseException | None) -> str:
@@ -143,10 +148,12 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.health: health.aio.HealthServicer | None = None  # made in start(), inside its event loop
         self._tasks = Background()  # health updates started from the replicas' (sync) change callback
+        self._stopping = False
         self.upstream = Replicas(parse_targets(settings.triton_url) if not settings.triton_dns else (),
                                  settings.health_interval, self.metrics, self._on_upstream,
                                  dns=settings.triton_dns, dns_interval=settings.dns_interval)
-        self.cache = ResultCache(settings.cache)
+        self.cache_store = open_store(settings.cache, self.metrics, self._on_cache)
+        self.cache = ResultCache(settings.cache, self.cache_store)
         self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -158,6 +165,12 @@ class Gateway:
         for name in ("", SERVICE):
             self._tasks.spawn(self.health.set(name, status), name=f"health {name or 'server'}")
 
+    def _on_cache(self, up: bool) -> None:
+        if self._stopping:  # the probe may still succeed while requests drain: stay NOT_SERVING
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._tasks.spawn(self.health.set(CACHE_HEALTH, status), name="health cache")
+
     async def start(self) -> "Gateway":
         s = self.settings
         return_freed_memory()
@@ -167,6 +180,9 @@ class Gateway:
         self.metrics_port = http.server_port
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(CACHE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        if isinstance(self.cache_store, GuardedStore):  # one bounded PING: NOT_SERVING at once if Redis is down
+            await self.cache_store.start()
         self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics)],
                                       options=[("grpc.max_receive_message_length", 64 << 20)])
         pb_grpc.add_ProductVisionServicer_to_server(self.service, self.server)
@@ -185,8 +201,9 @@ class Gateway:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
+        self._stopping = True
         await self._tasks.close()  # a pending SERVING update must not land after the NOT_SERVING below
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, CACHE_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server:
             await self.server.stop(self.settings.shutdown_grace if grace is None else grace)

@@ -37,6 +37,11 @@ class CacheSettings:
     # Pixels the perceptual level decodes at once (likeness.decoded_pixels: JPEGs decode drafted, others
     # whole). 64 M: one picture at the 40 MP limit and some smaller ones, ~200 MB of RGB at the peak.
     decode_pixels: int = 64_000_000
+    # The shared cache is an optimisation, so it may cost a request little: each Redis operation gets
+    # `redis_timeout` seconds (retries included; loopback answers in ~0.2 ms), and once one fails the
+    # gateway answers without Redis and probes it every `redis_retry` seconds (gateway/resilient.py).
+    redis_timeout: float = 0.5
+    redis_retry: float = 1.0
 
 
 @dataclass(frozen=True)

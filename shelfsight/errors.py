@@ -55,6 +55,17 @@ class ModelProcessLost(Unavailable):
     """A model's process died under a running Triton: that model fails until Triton is restarted."""
 
 
+class CacheUnavailable(Unavailable):
+    """The shared result cache (Redis) failed an operation. `reachable` is False when it could not be
+    reached or did not answer in time (the gateway then stops asking it for a while), True when it
+    answered with an error (out of memory, a read-only replica). Never reaches a client: the cache is an
+    optimisation, and the gateway answers from the model without it."""
+
+    def __init__(self, message: str, reachable: bool = False):
+        super().__init__(message)
+        self.reachable = reachable
+
+
 class DeadlineExceeded(ShelfsightError):
     code = "DEADLINE_EXCEEDED"
 
