@@ -17,8 +17,8 @@ partner looked up after, as the gateway does:
   level, faint small print, one product of a shelf recoloured (false hits), and their pictures' copies.
 
 Prints the rates with counts for three rules in the same run: hash only (pHash + colour layout), the
-grey check (hash finds a candidate, the grey planes decide: the rule before colour was compared), and
-the check with colour (now); the time of a lookup and of the check alone (both run on the gateway's
+grey check (hash finds a candidate, the grey plane decides: the rule before colour and faint print were
+compared), and the whole check (now); the time of a lookup and of the check alone (both run on the gateway's
 thread pool), and the stored thumbnails' size.
 """
 from __future__ import annotations
@@ -200,8 +200,8 @@ def main() -> int:
     args = ap.parse_args()
     new = CacheSettings()
     rules = {"hash only": replace(new, verify=False, max_distance=10),
-             "grey check (before colour)": new, "grey + colour check (now)": new}
-    colour = {"grey check (before colour)": False}  # the check's colour planes on or off
+             "grey check (before)": new, "grey + colour + faint-print check (now)": new}
+    colour = {"grey check (before)": False}  # the check's colour and faint-print planes on or off
     pairs = text_pairs(quick=args.quick)
     changed = {"text": [(name, jpeg(render(a)), jpeg(render(b))) for name, a, b in pairs]}
     # and a third of them asked with B also resized and re-encoded: the check then blurs to B's resolution
@@ -229,7 +229,7 @@ def main() -> int:
 
     def timed_check(*a):
         t0 = time.perf_counter()
-        value = check(*a, colour=use_colour[0])
+        value = check(*a, grey_only=not use_colour[0])
         checks.append((time.perf_counter() - t0, value))
         return value
     cache.difference = timed_check  # ResultCache calls it through the module

@@ -102,25 +102,29 @@ def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> tu
 # the same grey level: a lipstick shade, a cap, a logo, the other SKU of the same photo).
 BLUR = 0.6  # px, both sides: a copy resized to 80% and the original reach 512 px through different
             # filters; the blur evens that out (copies' worst pixel 26 -> 20) and keeps glyph changes (>= 31)
-CHROMA_BLUR = 1.5  # px: JPEG keeps colour at half resolution (4:2:0), so copies differ there at colour
-                   # edges by a pixel or two; a changed region of 1.6% of a 640 px picture is ~65 px wide
+# Colour is compared on a grid of half the thumbnail's side: JPEG keeps it at half resolution (4:2:0)
+# anyway, and a changed region of 1.6% of a 640 px picture is still ~32 px wide there.
+CHROMA_BLUR = 0.75  # px of that grid: copies differ at colour edges by a pixel or two
 REACH = 0.02  # largest scale and shift (fraction of the side) the alignment tries
 CONTRAST = 128  # grey levels: how much the local range weighs (see `difference`)
 CHROMA_SCALE = 400.0  # OKLab a, b (about -0.3..0.3) stored as uint8 128 + 400 x
-# An OKLab colour difference of 0.0025 x 3 weighs as one grey level, so the served bound (47) is a colour
-# difference of 0.039: copies (JPEG q70-95, resizes, crops) reach <= 0.026 (10.3 units), a region of
-# another colour at the same grey level >= 0.077 (30.8) when it differs by 0.08 (bench/perceptual_pairs.py).
+# An OKLab colour distance of 0.0025 x CHROMA_WEIGHT weighs as one grey level, so the served bound (47)
+# is a distance of 47 / CHROMA_WEIGHT / 400 in a-b (bench/perceptual_pairs.py measures both sides).
 CHROMA_WEIGHT = 3.0
-MAGIC = b"SL3"  # a thumbnail of three planes; anything else (the old grey-only ones) is never vouched for
+FAINT_BLUR = 0.7  # px: about a stroke of 12-16 px print at 512 px
+FAINT_CONTRAST = 32  # grey levels: the faint-print residual weighs up to 9x where the local range is flat
+FAINT_WEIGHT = 47 / 44  # the residual is served up to 44 (see `disagreement`)
+MAGIC = b"SL3"  # grey + half-size a, b; anything else (the old grey-only ones) is never vouched for
 
 
 @dataclass(frozen=True)
 class Thumbnail:
-    pixels: np.ndarray  # (3, h, w) uint8: grey, a, b; long side = the settings' verify_side
+    grey: np.ndarray  # (h, w) uint8, long side = the settings' verify_side, blurred by BLUR
+    chroma: np.ndarray  # (2, h2, w2) uint8: OKLab a, b x CHROMA_SCALE + 128 on the half grid
 
     def encode(self) -> bytes:
-        _, h, w = self.pixels.shape
-        return MAGIC + struct.pack("<HH", h, w) + zlib.compress(self.pixels.tobytes(), 1)
+        h, w = self.grey.shape
+        return MAGIC + struct.pack("<HH", h, w) + zlib.compress(self.grey.tobytes() + self.chroma.tobytes(), 1)
 
     @classmethod
     def decode(cls, raw: bytes) -> "Thumbnail | None":
@@ -128,7 +132,13 @@ class Thumbnail:
         if not raw.startswith(MAGIC):
             return None
         h, w = struct.unpack("<HH", raw[3:7])
-        return cls(np.frombuffer(zlib.decompress(raw[7:]), np.uint8).reshape(3, h, w))
+        w2, h2 = half((w, h))
+        flat = np.frombuffer(zlib.decompress(raw[7:]), np.uint8)
+        return cls(flat[:h * w].reshape(h, w), flat[h * w:].reshape(2, h2, w2))
+
+
+def half(size: tuple[int, int]) -> tuple[int, int]:
+    return max(1, round(size[0] / 2)), max(1, round(size[1] / 2))
 
 
 _M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929], [0.2119034982, 0.6806995451, 0.1073969566],
@@ -140,27 +150,31 @@ _LINEAR[:11] = np.arange(11) / 255 / 12.92  # sRGB decoding for every 8-bit valu
 _LINEAR = _LINEAR.astype(np.float32)
 
 
-def _planes(picture, size: tuple[int, int], box=None) -> np.ndarray:
-    """(3, h, w) float32: grey levels blurred by BLUR, OKLab a and b x CHROMA_SCALE blurred by CHROMA_BLUR."""
+def _grey(picture, size: tuple[int, int], box=None) -> np.ndarray:
+    """(h, w) float32 grey levels, resampled onto `size` (from `box`) and blurred by BLUR."""
     from PIL import Image
     from scipy import ndimage
 
-    small = picture.convert("RGB").resize(size, Image.BILINEAR, box=box)
-    grey = np.asarray(small.convert("L"), np.float32)
-    rgb = _LINEAR[np.asarray(small)]  # (h, w, 3) linear light
-    lms = np.cbrt(rgb @ _M1.T)
-    ab = np.moveaxis(lms @ _M2AB.T, -1, 0) * CHROMA_SCALE  # (2, h, w)
-    return np.stack([ndimage.gaussian_filter(grey, BLUR),
-                     ndimage.gaussian_filter(ab[0], CHROMA_BLUR), ndimage.gaussian_filter(ab[1], CHROMA_BLUR)])
+    small = picture.convert("L").resize(size, Image.BILINEAR, box=box)
+    return ndimage.gaussian_filter(np.asarray(small, np.float32), BLUR)
+
+
+def _chroma(picture, size: tuple[int, int], box=None) -> np.ndarray:
+    """(2, h, w) float32: OKLab a and b x CHROMA_SCALE, resampled onto `size`, blurred by CHROMA_BLUR."""
+    from PIL import Image
+    from scipy import ndimage
+
+    rgb = _LINEAR[np.asarray(picture.convert("RGB").resize(size, Image.BILINEAR, box=box))]  # linear light
+    ab = np.moveaxis(np.cbrt(rgb @ _M1.T) @ _M2AB.T, -1, 0) * CHROMA_SCALE
+    return ndimage.gaussian_filter(ab, (0, CHROMA_BLUR, CHROMA_BLUR))
 
 
 def thumbnail(picture, side: int) -> Thumbnail:
     w, h = picture.size
     f = min(1.0, side / max(w, h))
     size = (max(1, round(w * f)), max(1, round(h * f)))
-    p = _planes(picture, size)
-    p[1:] += 128
-    return Thumbnail(np.clip(np.rint(p), 0, 255).astype(np.uint8))
+    grey = np.clip(np.rint(_grey(picture, size)), 0, 255).astype(np.uint8)
+    return Thumbnail(grey, np.clip(np.rint(_chroma(picture, half(size)) + 128), 0, 255).astype(np.uint8))
 
 
 def _align(q: np.ndarray, r: np.ndarray) -> list[tuple[float, float]]:
@@ -204,29 +218,33 @@ def _excess(q: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.maximum(_envelope_excess(q, r), _envelope_excess(r, q))
 
 
-def difference(picture, stored: Thumbnail | None, colour: bool = True) -> float:
-    """The largest disagreement between a decoded picture and a stored thumbnail, after alignment:
-    grey levels outside what the other side takes within half a pixel, weighed by local contrast
-    (0 .. ~3x255), or the OKLab colour difference (in grey-level units, CHROMA_WEIGHT) where that is
-    larger, ignoring a 3% border (what a <= 1% crop removes or adds). colour=False compares grey
-    alone (the rule before colour was compared: kept to measure against, not to run)."""
-    grey, chroma = disagreement(picture, stored)
-    return max(grey, CHROMA_WEIGHT * chroma) if colour else grey
+def difference(picture, stored: Thumbnail | None, grey_only: bool = False) -> float:
+    """The largest disagreement between a decoded picture and a stored thumbnail, after alignment, in
+    grey levels (0 .. ~3x255), ignoring a 3% border (what a <= 1% crop removes or adds): the largest of
+    - grey levels outside what the other side takes within half a pixel, weighed by local contrast;
+    - the OKLab colour difference outside that envelope (x CHROMA_WEIGHT);
+    - the faint-print residual (x FAINT_WEIGHT, see `disagreement`).
+    grey_only=True is the first alone: the rule before colour and faint print were compared, kept to
+    measure against (bench/perceptual_pairs.py), not to run."""
+    grey, chroma, faint = disagreement(picture, stored)
+    return grey if grey_only else max(grey, CHROMA_WEIGHT * chroma, FAINT_WEIGHT * faint)
 
 
-def disagreement(picture, stored: Thumbnail | None) -> tuple[float, float]:
-    """(worst weighed grey excess, worst OKLab colour excess x CHROMA_SCALE); inf where the stored side
-    cannot vouch (another format, or too small to align)."""
+def disagreement(picture, stored: Thumbnail | None) -> tuple[float, float, float]:
+    """(worst weighed grey excess, worst OKLab colour excess x CHROMA_SCALE, worst weighed faint-print
+    residual); inf where the stored side cannot vouch (another format, or too small to align)."""
     from PIL import ImageOps
+    from scipy import ndimage
 
     if stored is None:
-        return float("inf"), float("inf")
-    r = stored.pixels.astype(np.float32)
-    r[1:] -= 128
-    _, h, w = r.shape
+        return (float("inf"),) * 3
+    r = stored.grey.astype(np.float32)
+    rc = stored.chroma.astype(np.float32) - 128
+    h, w = r.shape
     if min(h, w) < 32:  # too small to align and compare: never vouch for it
-        return float("inf"), float("inf")
-    (sy, ty), (sx, tx) = _align(_planes(picture, (w, h))[0], r[0])
+        return (float("inf"),) * 3
+    luma = picture.convert("L")  # once: the alignment and the grey plane both start from it
+    (sy, ty), (sx, tx) = _align(_grey(luma, (w, h)), r)
     # Resample the picture itself onto the thumbnail's grid, moved by the alignment, so that both sides
     # are filtered with the same phase (resampling the thumbnail instead smeared its thin lines).
     W, H = picture.size
@@ -234,24 +252,35 @@ def disagreement(picture, stored: Thumbnail | None) -> tuple[float, float]:
     fx, fy = W / w, H / h
     x0, x1 = ((X - w / 2 - tx) / sx + w / 2 for X in (0, w))
     y0, y1 = ((Y - h / 2 - ty) / sy + h / 2 for Y in (0, h))
-    q = _planes(ImageOps.expand(picture, pad), (w, h), box=(x0 * fx + pad, y0 * fy + pad, x1 * fx + pad, y1 * fy + pad))
+    box = (x0 * fx + pad, y0 * fy + pad, x1 * fx + pad, y1 * fy + pad)
+    q, qc = _grey(ImageOps.expand(luma, pad), (w, h), box), _chroma(ImageOps.expand(picture, pad), rc.shape[:0:-1], box)
     # A query with fewer pixels than the grid was enlarged onto it: interpolation smoothed it and it
     # lacks the stored side's fine detail (noise, edges). Blur both to the query's resolution (measured
     # on noisy 480 px renders: 97% copies 31 -> 18, 90% 40 -> 15, 80% 46 -> 11).
     enlarged = max(w / W, h / H)
     if enlarged > 1:
-        from scipy import ndimage
-
         extra = max(0.8, 3 * BLUR * np.sqrt(enlarged ** 2 - 1))
-        q, r = (ndimage.gaussian_filter(x, (0, extra, extra)) for x in (q, r))
-    grey = _excess(q[0], r[0])
+        q, r = ndimage.gaussian_filter(q, extra), ndimage.gaussian_filter(r, extra)
+        qc, rc = (ndimage.gaussian_filter(x, (0, extra / 2, extra / 2)) for x in (qc, rc))
+    grey = _excess(q, r)
     # Weighed by the local contrast (5x5 range of both): a changed glyph in white on yellow differs by
     # ~22 grey levels of a 63-level range, while re-sampled edges and noise of copies reach ~22 where
     # the range is ~200. Full-range excess counts as is, flat-region excess up to 3x.
-    hi, lo = np.maximum(q[0], r[0]), np.minimum(q[0], r[0])
+    hi, lo = np.maximum(q, r), np.minimum(q, r)
     span = _filter3(_filter3(hi, np.maximum), np.maximum) - _filter3(_filter3(lo, np.minimum), np.minimum)
     score = grey * (255 + CONTRAST) / (span + CONTRAST)
-    chroma = np.hypot(_excess(q[1], r[1]), _excess(q[2], r[2]))
+    # Faint print (12-16 px, 25-35 grey levels of contrast): at 512 px its strokes are ~1 px and the
+    # half-pixel envelope forgives half of what is left, so a changed digit scored 9-44, copies up to 42.
+    # The signed difference, smoothed over a stroke's width, keeps a stroke that is on one side only
+    # (one sign along it) and cancels what resampling and JPEG leave (signs that alternate across an
+    # edge or a block); weighed like the grey excess, more steeply (FAINT_CONTRAST).
+    residual = np.abs(ndimage.gaussian_filter(q - r, FAINT_BLUR)) * (255 + FAINT_CONTRAST) / (span + FAINT_CONTRAST)
+    chroma = np.hypot(_excess(qc[0], rc[0]), _excess(qc[1], rc[1]))
+    return _inner_max(score), _inner_max(chroma), _inner_max(residual)
+
+
+def _inner_max(x: np.ndarray) -> float:
+    """The largest value inside a 3% border (what a <= 1% crop removes or adds)."""
+    h, w = x.shape
     my, mx = int(np.ceil(0.03 * h)) + 1, int(np.ceil(0.03 * w)) + 1
-    inner = (slice(my, h - my), slice(mx, w - mx))
-    return float(score[inner].max(initial=0.0)), float(chroma[inner].max(initial=0.0))
+    return float(x[my:h - my, mx:w - mx].max(initial=0.0))

@@ -106,17 +106,19 @@ def test_thumbnail_is_bounded_and_round_trips():
     a, _ = pp.issue_pair()
     t = likeness.thumbnail(likeness.decode_picture(a), 512)
     raw = t.encode()
-    assert t.pixels.shape == (3, 512, 512) and len(raw) < 512 * 512  # grey, a, b; zlib
-    assert (likeness.Thumbnail.decode(raw).pixels == t.pixels).all()
-    assert likeness.thumbnail(likeness.decode_picture(pp.jpeg(pp.render(replace(PINNED[0], canvas=(300, 200))))),
-                           512).pixels.shape == (3, 200, 300)  # never enlarged
+    assert t.grey.shape == (512, 512) and t.chroma.shape == (2, 256, 256)  # colour on the half grid
+    assert len(raw) < 512 * 512 * 1.5  # zlib: never more than the planes themselves
+    back = likeness.Thumbnail.decode(raw)
+    assert (back.grey == t.grey).all() and (back.chroma == t.chroma).all()
+    small = likeness.thumbnail(likeness.decode_picture(pp.jpeg(pp.render(replace(PINNED[0], canvas=(301, 200))))), 512)
+    assert small.grey.shape == (200, 301) and small.chroma.shape == (2, 100, 150)  # never enlarged
 
 
 def test_a_grey_only_thumbnail_of_an_older_gateway_never_vouches():
     """Entries stored before colour was compared (in a shared Redis) cannot say the colours agree."""
     a, _ = pp.issue_pair()
     picture = likeness.decode_picture(a)
-    grey = likeness.thumbnail(picture, 512).pixels[0]
+    grey = likeness.thumbnail(picture, 512).grey
     old = struct.pack("<HH", *grey.shape) + zlib.compress(grey.tobytes(), 1)  # the old format
     assert likeness.Thumbnail.decode(old) is None
     assert likeness.difference(picture, likeness.Thumbnail.decode(old)) == float("inf")
@@ -201,7 +203,7 @@ def test_the_grey_check_alone_served_the_other_colour():
         first, second = colour_pair(fraction, shape, a, b)
         picture = likeness.decode_picture(second)
         stored = likeness.thumbnail(likeness.decode_picture(first), 512)
-        served_grey += likeness.difference(picture, stored, colour=False) <= CacheSettings().max_difference
+        served_grey += likeness.difference(picture, stored, grey_only=True) <= CacheSettings().max_difference
         assert likeness.difference(picture, stored) > CacheSettings().max_difference
     assert served_grey >= len(COLOUR_PAIRS) - 1
 
