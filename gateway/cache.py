@@ -70,6 +70,21 @@ def _nearest_first(found: list[tuple[tuple[float, int], str]]) -> list[str]:
     return [exact for _, exact in sorted(found)]
 
 
+SCAN_ON_LOOP = 256  # signatures compared on the event loop; more are compared on a worker thread
+
+
+async def _near_ones(entries: list[tuple[str, Signature | str]], sig: Signature, max_distance: int,
+                     max_colour: float) -> list[tuple[tuple[float, int], str]]:
+    """The entries (exact key, signature or its text) within both bounds of `sig`. A context can hold
+    thousands of pictures (one question asked of a whole catalogue), ~7 us each: a scan of 10,000 is
+    70 ms, which must not hold every other call's event loop."""
+    def scan():
+        return [(d, exact) for exact, other in entries
+                if (d := near(sig, other if isinstance(other, Signature) else Signature.decode(other),
+                              max_distance, max_colour)) is not None]
+    return scan() if len(entries) <= SCAN_ON_LOOP else await asyncio.to_thread(scan)
+
+
 class MemoryStore:
     """Process-local store: LRU by bytes (answers and thumbnails), TTL per entry, the picture
     signatures of each context."""
@@ -94,9 +109,8 @@ class MemoryStore:
         return item[3] if item is not None else None
 
     async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
-        found = [(d, exact) for exact, other in list(self._by_context.get(context, {}).items())
-                 if (d := near(sig, other, max_distance, max_colour)) is not None]
-        return _nearest_first(found)
+        entries = list(self._by_context.get(context, {}).items())  # a snapshot: puts may run meanwhile
+        return _nearest_first(await _near_ones(entries, sig, max_distance, max_colour))
 
     async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float,
                   thumb: bytes | None = None) -> None:
@@ -179,8 +193,8 @@ class RedisStore:
     async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
         index = f"{self.prefix}:p:{context}"
         async with self._reach("candidates"):
-            found = [(d, exact.decode()) for exact, raw in (await self.redis.hgetall(index)).items()
-                     if (d := near(sig, Signature.decode(raw.decode()), max_distance, max_colour)) is not None]
+            entries = [(exact.decode(), raw.decode()) for exact, raw in (await self.redis.hgetall(index)).items()]
+            found = await _near_ones(entries, sig, max_distance, max_colour)
             pipe = self.redis.pipeline()
             for _, exact in found:
                 pipe.exists(f"{self.prefix}:x:{exact}")

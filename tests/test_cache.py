@@ -73,3 +73,37 @@ def test_memory_store_bounds_bytes_ttl_and_lru():
         await store.put("huge", "ctx", None, b"x" * 5000, ttl=60)  # larger than the whole cache
         assert await store.get("huge") is None
     asyncio.run(scenario())
+
+
+def test_a_context_of_many_pictures_is_scanned_off_the_event_loop():
+    """10,000 pictures asked the same question: the candidate scan must not hold the event loop."""
+    import random
+    import threading
+
+    from shelfsight.gateway import cache
+    from shelfsight.gateway.likeness import Signature
+
+    rng = random.Random(0)
+    store = cache.MemoryStore(1 << 30)
+    sig = Signature(rng.getrandbits(256), bytes(rng.randrange(256) for _ in range(48)))
+
+    async def scenario():
+        for i in range(10_000):
+            await store.put(f"k{i}", "ctx", Signature(rng.getrandbits(256), bytes(rng.randrange(256) for _ in range(48))),
+                            b"v", ttl=60)
+        await store.put("near", "ctx", sig, b"v", ttl=60)
+        threads = []
+        original = cache.near
+
+        def spy(*a):
+            threads.append(threading.current_thread())
+            return original(*a)
+        cache.near = spy
+        try:
+            found = await store.candidates("ctx", sig, 10, 4.0)
+        finally:
+            cache.near = original
+        return found, threads
+    found, threads = asyncio.run(scenario())
+    assert found == ["near"]
+    assert threads and all(t is not threading.main_thread() for t in threads)
