@@ -49,10 +49,16 @@ def decode_picture(image: bytes):
         # further (to 128 px) made copies resized by 90% land on other DCT scales, and their hashes
         # apart: median distance 14 instead of 2 on product renders.
         im.draft("RGB", (DRAFT, DRAFT))
-        picture = ImageOps.exif_transpose(im).convert("RGB")
-    factor = -(-max(picture.size) // KEEP_SIDE)
-    # a box reduction by a whole factor: cheap, and what is kept while the model answers is <= 3 MiB
-    return picture.reduce(factor) if factor > 1 else picture
+        im.load()
+        # Reduced first, by a whole factor (a cheap box filter), so that what is kept while the model
+        # answers is <= 3 MiB, and so that orienting and converting copy the small picture: each of
+        # them copies even when there is nothing to do (3 x 108 MB for a 36 MP PNG).
+        factor = -(-max(im.size) // KEEP_SIDE)
+        small = im.reduce(factor) if factor > 1 and im.mode in ("RGB", "L", "RGBA", "LA") else im
+        upright = ImageOps.exif_transpose(small.convert("RGB") if small.mode != "RGB" else small)
+    if max(upright.size) > KEEP_SIDE:  # a mode reduce() does not take (palette, 1-bit): converted first
+        upright = upright.reduce(-(-max(upright.size) // KEEP_SIDE))
+    return upright
 
 
 def decoded_pixels(fmt: str, width: int, height: int) -> int:
