@@ -107,7 +107,9 @@ async def _serve(args, triton_config) -> int:
     print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
           f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
           + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
-    watch = asyncio.create_task(supervisor.run(triton_stop))
+    # drain 0: Triton is stopped after the gateway, which gave in-flight requests its shutdown grace
+    # and ended the rest; what Triton still decodes then has nobody waiting for it
+    watch = asyncio.create_task(supervisor.run(triton_stop, drain=0))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
     rc = 0

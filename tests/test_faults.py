@@ -5,6 +5,7 @@ silently. Recovery times are measured from the moment the fault is injected."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,14 @@ class Serve:
         except OSError:
             return False
 
+    def folder(self) -> Path:
+        """The running tritonserver's work folder (the last one announced: killed ones keep logs)."""
+        return Path([line for line in self.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
+
+    def shm_prefix(self) -> str:
+        region = cmdline(children(self.triton_pid())[0]).split(b"\0")[2].decode()  # <unique prefix><uuid>
+        return "_".join(region.split("_")[:2]) + "_"
+
     def metric(self, name: str) -> float:
         return sum(v for k, v in scrape(f"http://127.0.0.1:{self.ports['metrics']}/metrics").items()
                    if k.startswith(name + "{"))
@@ -105,6 +114,16 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def running_from(folder: Path) -> list[int]:
+    """Processes whose command line names `folder`: its tritonserver and stubs."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if str(folder).encode() in cmdline(int(p.name))
+            and alive(int(p.name))]
+
+
+def shm(prefix: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
 
 
 def under_load(target: str, n: int, fault, bound: float):
@@ -211,12 +230,63 @@ def test_killed_triton_is_reaped_and_restarted(serve):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(shm_prefix)], "its shared memory was kept"
 
 
+def test_sigterm_after_load_exits_cleanly(tiny_checkpoint, tmp_path):
+    """32 streams, a third of them abandoned mid-answer, for 12 s; then SIGTERM with answers in flight.
+    It used to end in Triton's "Exit timeout expired" (exit code 1, folders left): finished streams
+    cancelled after their last answer leaked Triton requests, and decodes nobody read kept Triton's
+    exit waiting. Every request is counted: answered, abandoned by its client, or UNAVAILABLE."""
+    server = Serve(make_repository(tiny_checkpoint, tmp_path / "repo"), "--shutdown-grace", "5")
+    folder, prefix = server.folder(), server.shm_prefix()
+    stopping, lock = threading.Event(), threading.Lock()
+    started, ended, at_stop = [0], {}, {}
+
+    def client(i):
+        rnd = random.Random(i)
+        with ShelfsightClient(server.target) as c:
+            while not stopping.is_set():
+                with lock:
+                    started[0] += 1
+                abandon, outcome = rnd.random() < 0.33, "OK"
+                try:
+                    for n, _ in enumerate(c.stream(photo(rnd.randrange(10**6)), f"Question {i}: the brand?",
+                                                   timeout=90, temperature=0.0, max_new_tokens=256, cache="skip")):
+                        if abandon and n == 2:
+                            outcome = "abandoned"
+                            break
+                except errors.ShelfsightError as e:
+                    outcome = e.code
+                with lock:
+                    ended[outcome] = ended.get(outcome, 0) + 1
+                    if stopping.is_set():
+                        at_stop[outcome] = at_stop.get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(12)
+    stopping.set()
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    rc = server.proc.wait(120)
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(30)
+    text = "".join(server.out)
+    print(f"SIGTERM after load: exit code {rc} after {took:.1f}s; {started[0]} requests: {ended}; "
+          f"ended after SIGTERM: {at_stop}")
+    assert rc == 0 and "Exit timeout expired" not in text and "stopped\n" in text, text[-3000:]
+    assert not [t for t in threads if t.is_alive()], "a request was never answered"
+    assert sum(ended.values()) == started[0] and set(ended) <= {"OK", "abandoned", "UNAVAILABLE"}, ended
+    assert sum(at_stop.values()) >= 8, f"too few requests were in flight at SIGTERM to test it: {at_stop}"
+    assert not folder.exists() and not shm(prefix) and not running_from(folder)
+    assert took < 5 + 25, "longer than the gateway's grace plus Triton's unloading"
+
+
 def test_sigterm_stops_cleanly(serve):
     """Last in this module: it stops the shared server."""
     triton = serve.triton_pid()
     stubs = children(triton)
-    # the running server's folder: the last one announced (servers killed earlier keep their logs)
-    log_dir = Path([line for line in serve.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
+    log_dir = serve.folder()
     assert log_dir.exists()
     assert serve.stop() == 0, "".join(serve.out[-20:])
     text = "".join(serve.out)
