@@ -59,6 +59,9 @@ def triton_settings(args, repo: Path, host: str, prefix: str = ""):
 def cmd_serve(args) -> int:
     configure_logging()
     with tempfile.TemporaryDirectory(prefix="shelfsight-serve-") as work:
+        from shelfsight.serving import lifecycle
+
+        lifecycle.claim(Path(work))  # a serve killed at once leaves it: the next start removes it
         repo = args.repo
         if repo is None:
             from shelfsight.export.cli import repository_job

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -126,6 +127,11 @@ def shm(prefix: str) -> list[str]:
     return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
 
 
+def refuses(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def under_load(target: str, n: int, fault, bound: float):
     """n long answers in flight, then `fault()`; returns each request's (outcome, seconds) once all ended."""
     results: list = [None] * n
@@ -228,6 +234,48 @@ def test_killed_triton_is_reaped_and_restarted(serve):
     assert not [p for p in stubs if alive(p)], "the killed server's stubs were orphaned"
     assert serve.triton_pid() != triton
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(shm_prefix)], "its shared memory was kept"
+
+
+def test_kill_9_of_serve_leaves_nothing_running_and_the_next_start_cleans_up(serve, tiny_checkpoint, tmp_path):
+    """kill -9 of `serve` used to orphan tritonserver and its stubs (still serving, ports held), and
+    leave their folder and shared memory. The module's `serve` is the live instance that must stay."""
+    repo = make_repository(tiny_checkpoint, tmp_path / "repo")
+    victim = Serve(repo)
+    folder, prefix = victim.folder(), victim.shm_prefix()
+    triton, stubs = victim.triton_pid(), children(victim.triton_pid())
+    assert len(stubs) >= 3 and shm(prefix) and running_from(folder)
+    live_folder, live_prefix = serve.folder(), serve.shm_prefix()
+
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while running_from(folder) and time.monotonic() - t0 < 15:
+        time.sleep(0.05)
+    gone = time.monotonic() - t0
+    assert not running_from(folder), f"outlived a killed serve: {running_from(folder)}"
+    assert not alive(triton) and not [p for p in stubs if alive(p)]
+    assert all(refuses(port) for port in victim.ports.values()), victim.ports
+    assert folder.exists(), "(the leftover the next start must remove)"
+
+    # the next start (`shelfsight triton` here) removes what the dead one left, and only that
+    ports = [str(free_port()) for _ in range(3)]
+    nxt = subprocess.Popen([sys.executable, "-m", "shelfsight", "triton", "--repo", str(repo), "--grpc-port", ports[0],
+                            "--http-port", ports[1], "--metrics-port", ports[2]],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        lines = [nxt.stdout.readline()]
+        while lines[-1] and "tritonserver ready" not in lines[-1]:
+            lines.append(nxt.stdout.readline())
+        assert "tritonserver ready" in lines[-1], "".join(lines)
+        assert not folder.exists() and not shm(prefix)
+        assert live_folder.exists() and shm(live_prefix) and running_from(live_folder)
+        with ShelfsightClient(serve.target) as c:
+            assert c.health() == "SERVING"
+    finally:
+        nxt.send_signal(signal.SIGTERM)
+        out, _ = nxt.communicate(timeout=90)
+    print(f"kill -9 of serve: tritonserver and {len(stubs)} stubs gone after {gone:.2f}s")
+    assert nxt.returncode == 0, out[-3000:]
+    assert "removed what a dead server" in "".join(lines), "".join(lines)
 
 
 def test_sigterm_after_load_exits_cleanly(tiny_checkpoint, tmp_path):

@@ -5,6 +5,8 @@ and the stub for this Python (a copied stub loses its RPATH); this venv's bin fi
 runs the `python3` it finds there and reads pyvenv.cfg); LD_LIBRARY_PATH holding this interpreter's
 libpython; unique shared-memory names, removed after exit. A stub that cannot load a library leaves
 the server "loading" forever, so readiness is awaited with a deadline while the log is watched.
+The server dies with the process that started it, and what a dead one left is swept away at the next
+start (lifecycle.py).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self.shm_prefix = f"shelfsight_{uuid.uuid4().hex[:10]}_"
         self._workdir = Path(tempfile.mkdtemp(prefix="shelfsight-triton-"))
+        lifecycle.claim(self._workdir, self.shm_prefix)
         self.log_path = settings.log_path or self._workdir / "tritonserver.log"
         self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
         self._stopped = False
@@ -174,14 +177,17 @@ class TritonServer:
         return env
 
     def start(self) -> "TritonServer":
+        lifecycle.sweep()  # what servers killed before they could stop left: folders, shm, processes
         if not (Path(self.settings.repo) / "shelfsight.json").exists():
+            self.stop()
             raise FailedPrecondition(f"{self.settings.repo} is not a shelfsight repository (no shelfsight.json)")
         # appended: under a supervisor the next server writes the same --triton-log, after the failed one's
         self._log = open(self.log_path, "a")
         self._log.write(f"==== tritonserver starting (shm prefix {self.shm_prefix}) ====\n")
         self._log.flush()
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.environment(), start_new_session=True)
+        # its own session: its stubs join its process group, which stop() kills as one
+        self.proc = lifecycle.spawn(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                    env=self.environment(), start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:
@@ -258,6 +264,8 @@ class TritonServer:
         if getattr(self, "_log", None):
             self._log.close()
         keep_log = rc not in (0, None) and self.settings.log_path is None
+        if keep_log:
+            lifecycle.release(self._workdir)  # the log is the user's now: no sweep removes it
         shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return rc
 
