@@ -59,6 +59,9 @@ def triton_settings(args, repo: Path, host: str, prefix: str = ""):
 def cmd_serve(args) -> int:
     configure_logging()
     with tempfile.TemporaryDirectory(prefix="shelfsight-serve-") as work:
+        from shelfsight.serving import lifecycle
+
+        lifecycle.claim(Path(work))  # a serve killed at once leaves it: the next start removes it
         repo = args.repo
         if repo is None:
             from shelfsight.export.cli import repository_job
@@ -107,7 +110,9 @@ async def _serve(args, triton_config) -> int:
     print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
           f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
           + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
-    watch = asyncio.create_task(supervisor.run(triton_stop))
+    # drain 0: Triton is stopped after the gateway, which gave in-flight requests its shutdown grace
+    # and ended the rest; what Triton still decodes then has nobody waiting for it
+    watch = asyncio.create_task(supervisor.run(triton_stop, drain=0))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
     rc = 0

@@ -5,8 +5,10 @@ silently. Recovery times are measured from the moment the fault is injected."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -67,6 +69,14 @@ class Serve:
         except OSError:
             return False
 
+    def folder(self) -> Path:
+        """The running tritonserver's work folder (the last one announced: killed ones keep logs)."""
+        return Path([line for line in self.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
+
+    def shm_prefix(self) -> str:
+        region = cmdline(children(self.triton_pid())[0]).split(b"\0")[2].decode()  # <unique prefix><uuid>
+        return "_".join(region.split("_")[:2]) + "_"
+
     def metric(self, name: str) -> float:
         return sum(v for k, v in scrape(f"http://127.0.0.1:{self.ports['metrics']}/metrics").items()
                    if k.startswith(name + "{"))
@@ -105,6 +115,21 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def running_from(folder: Path) -> list[int]:
+    """Processes whose command line names `folder`: its tritonserver and stubs."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if str(folder).encode() in cmdline(int(p.name))
+            and alive(int(p.name))]
+
+
+def shm(prefix: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+
+
+def refuses(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def under_load(target: str, n: int, fault, bound: float):
@@ -211,12 +236,105 @@ def test_killed_triton_is_reaped_and_restarted(serve):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(shm_prefix)], "its shared memory was kept"
 
 
+def test_kill_9_of_serve_leaves_nothing_running_and_the_next_start_cleans_up(serve, tiny_checkpoint, tmp_path):
+    """kill -9 of `serve` used to orphan tritonserver and its stubs (still serving, ports held), and
+    leave their folder and shared memory. The module's `serve` is the live instance that must stay."""
+    repo = make_repository(tiny_checkpoint, tmp_path / "repo")
+    victim = Serve(repo)
+    folder, prefix = victim.folder(), victim.shm_prefix()
+    triton, stubs = victim.triton_pid(), children(victim.triton_pid())
+    assert len(stubs) >= 3 and shm(prefix) and running_from(folder)
+    live_folder, live_prefix = serve.folder(), serve.shm_prefix()
+
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while running_from(folder) and time.monotonic() - t0 < 15:
+        time.sleep(0.05)
+    gone = time.monotonic() - t0
+    assert not running_from(folder), f"outlived a killed serve: {running_from(folder)}"
+    assert not alive(triton) and not [p for p in stubs if alive(p)]
+    assert all(refuses(port) for port in victim.ports.values()), victim.ports
+    assert folder.exists(), "(the leftover the next start must remove)"
+
+    # the next start (`shelfsight triton` here) removes what the dead one left, and only that
+    ports = [str(free_port()) for _ in range(3)]
+    nxt = subprocess.Popen([sys.executable, "-m", "shelfsight", "triton", "--repo", str(repo), "--grpc-port", ports[0],
+                            "--http-port", ports[1], "--metrics-port", ports[2]],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        lines = [nxt.stdout.readline()]
+        while lines[-1] and "tritonserver ready" not in lines[-1]:
+            lines.append(nxt.stdout.readline())
+        assert "tritonserver ready" in lines[-1], "".join(lines)
+        assert not folder.exists() and not shm(prefix)
+        assert live_folder.exists() and shm(live_prefix) and running_from(live_folder)
+        with ShelfsightClient(serve.target) as c:
+            assert c.health() == "SERVING"
+    finally:
+        nxt.send_signal(signal.SIGTERM)
+        out, _ = nxt.communicate(timeout=90)
+    print(f"kill -9 of serve: tritonserver and {len(stubs)} stubs gone after {gone:.2f}s")
+    assert nxt.returncode == 0, out[-3000:]
+    assert "removed what a dead server" in "".join(lines), "".join(lines)
+
+
+def test_sigterm_after_load_exits_cleanly(tiny_checkpoint, tmp_path):
+    """32 streams, a third of them abandoned mid-answer, for 12 s; then SIGTERM with answers in flight.
+    It used to end in Triton's "Exit timeout expired" (exit code 1, folders left): finished streams
+    cancelled after their last answer leaked Triton requests, and decodes nobody read kept Triton's
+    exit waiting. Every request is counted: answered, abandoned by its client, or UNAVAILABLE."""
+    server = Serve(make_repository(tiny_checkpoint, tmp_path / "repo"), "--shutdown-grace", "5")
+    folder, prefix = server.folder(), server.shm_prefix()
+    stopping, lock = threading.Event(), threading.Lock()
+    started, ended, at_stop = [0], {}, {}
+
+    def client(i):
+        rnd = random.Random(i)
+        with ShelfsightClient(server.target) as c:
+            while not stopping.is_set():
+                with lock:
+                    started[0] += 1
+                abandon, outcome = rnd.random() < 0.33, "OK"
+                try:
+                    for n, _ in enumerate(c.stream(photo(rnd.randrange(10**6)), f"Question {i}: the brand?",
+                                                   timeout=90, temperature=0.0, max_new_tokens=256, cache="skip")):
+                        if abandon and n == 2:
+                            outcome = "abandoned"
+                            break
+                except errors.ShelfsightError as e:
+                    outcome = e.code
+                with lock:
+                    ended[outcome] = ended.get(outcome, 0) + 1
+                    if stopping.is_set():
+                        at_stop[outcome] = at_stop.get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(12)
+    stopping.set()
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    rc = server.proc.wait(120)
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(30)
+    text = "".join(server.out)
+    print(f"SIGTERM after load: exit code {rc} after {took:.1f}s; {started[0]} requests: {ended}; "
+          f"ended after SIGTERM: {at_stop}")
+    assert rc == 0 and "Exit timeout expired" not in text and "stopped\n" in text, text[-3000:]
+    assert not [t for t in threads if t.is_alive()], "a request was never answered"
+    assert sum(ended.values()) == started[0] and set(ended) <= {"OK", "abandoned", "UNAVAILABLE"}, ended
+    assert sum(at_stop.values()) >= 8, f"too few requests were in flight at SIGTERM to test it: {at_stop}"
+    assert not folder.exists() and not shm(prefix) and not running_from(folder)
+    assert took < 5 + 25, "longer than the gateway's grace plus Triton's unloading"
+
+
 def test_sigterm_stops_cleanly(serve):
     """Last in this module: it stops the shared server."""
     triton = serve.triton_pid()
     stubs = children(triton)
-    # the running server's folder: the last one announced (servers killed earlier keep their logs)
-    log_dir = Path([line for line in serve.out if " log /" in line][-1].split(" log ")[-1].strip()).parent
+    log_dir = serve.folder()
     assert log_dir.exists()
     assert serve.stop() == 0, "".join(serve.out[-20:])
     text = "".join(serve.out)

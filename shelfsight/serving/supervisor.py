@@ -52,8 +52,9 @@ class Supervisor:
         self._up_since = time.monotonic()
         return self.server
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Watch and restart until `stop` is set; then stop the server. Raises Unavailable on giving up."""
+    async def run(self, stop: asyncio.Event, drain: float | None = None) -> None:
+        """Watch and restart until `stop` is set; then stop the server, its requests in flight given
+        `drain` seconds (default: the settings' drain_timeout). Raises Unavailable on giving up."""
         failures = 0
         try:
             while not await _wait(stop, self.policy.poll_interval):
@@ -70,7 +71,7 @@ class Supervisor:
                     return
         finally:
             if self.server is not None:
-                self.exit_code = await asyncio.to_thread(self.server.stop)
+                self.exit_code = await asyncio.to_thread(self.server.stop, True, drain)
 
     async def _restart(self, stop: asyncio.Event, failures: int, reason: str) -> int | None:
         """Start a new server after a backoff; the failure count, or None when stopped meanwhile."""

@@ -5,6 +5,8 @@ and the stub for this Python (a copied stub loses its RPATH); this venv's bin fi
 runs the `python3` it finds there and reads pyvenv.cfg); LD_LIBRARY_PATH holding this interpreter's
 libpython; unique shared-memory names, removed after exit. A stub that cannot load a library leaves
 the server "loading" forever, so readiness is awaited with a deadline while the log is watched.
+The server dies with the process that started it, and what a dead one left is swept away at the next
+start (lifecycle.py).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shelfsight import ports
-from shelfsight.errors import FailedPrecondition, Unavailable
+from shelfsight.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shelfsight.serving import lifecycle
 
 FATAL_LOG_LINES = ("error while loading shared libraries", "failed to load all models",
                    "Address already in use", "failed to start")
@@ -55,20 +58,31 @@ class TritonSettings:
     metrics_port: int = field(default_factory=free_port)
     host: str = ports.LOCALHOST
     startup_timeout: float = 300.0
-    # Triton's own budget for in-flight requests and model unloading on SIGTERM. Each Python stub's
-    # finalize() stops its engine and tears down a torch process: measured at 5-7 s for the tiny model
-    # on 2 cores, so 5 s ended clean stops with "Exit timeout expired" and exit code 1.
+    # On stop, the seconds requests in flight may still take; then the engine ends them with
+    # UNAVAILABLE (the stop note, lifecycle.py). `shelfsight serve` passes 0: its gateway has already
+    # given them its --shutdown-grace, and what is left in Triton then has nobody waiting for it.
+    drain_timeout: float = 15.0
+    # Triton's own deadline on SIGTERM, after which it exits 1 ("Exit timeout expired"): the drain,
+    # then unloading the models, each Python stub's finalize() tearing down a torch process - measured
+    # 3-8 s for the tiny model on 2 cores after 48 streams (5 s was too short even idle).
     exit_timeout: int = 30
     log_path: Path | None = None  # default: <tempdir>/tritonserver.log
     extra_args: tuple[str, ...] = ()
 
 
+UNLOAD_BUDGET = 10  # seconds of the exit timeout kept for unloading the models (measured 3-8 s)
+
+
 class TritonServer:
     def __init__(self, settings: TritonSettings):
+        if settings.drain_timeout + UNLOAD_BUDGET > settings.exit_timeout:
+            raise InvalidArgument(f"exit_timeout ({settings.exit_timeout}s) must leave {UNLOAD_BUDGET}s for "
+                                  f"unloading after drain_timeout ({settings.drain_timeout}s)")
         self.settings = settings
         self.proc: subprocess.Popen | None = None
         self.shm_prefix = f"shelfsight_{uuid.uuid4().hex[:10]}_"
         self._workdir = Path(tempfile.mkdtemp(prefix="shelfsight-triton-"))
+        lifecycle.claim(self._workdir, self.shm_prefix)
         self.log_path = settings.log_path or self._workdir / "tritonserver.log"
         self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
         self._stopped = False
@@ -159,17 +173,21 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(lifecycle.environment_for(self._workdir))  # where the stubs find the stop note
         return env
 
     def start(self) -> "TritonServer":
+        lifecycle.sweep()  # what servers killed before they could stop left: folders, shm, processes
         if not (Path(self.settings.repo) / "shelfsight.json").exists():
+            self.stop()
             raise FailedPrecondition(f"{self.settings.repo} is not a shelfsight repository (no shelfsight.json)")
         # appended: under a supervisor the next server writes the same --triton-log, after the failed one's
         self._log = open(self.log_path, "a")
         self._log.write(f"==== tritonserver starting (shm prefix {self.shm_prefix}) ====\n")
         self._log.flush()
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.environment(), start_new_session=True)
+        # its own session: its stubs join its process group, which stop() kills as one
+        self.proc = lifecycle.spawn(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                    env=self.environment(), start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:
@@ -207,10 +225,11 @@ class TritonServer:
             time.sleep(0.25)
         raise Unavailable(f"tritonserver was not ready after {self.settings.startup_timeout:.0f}s:\n{self.log_tail()}")
 
-    def stop(self, graceful: bool = True) -> int | None:
-        """SIGTERM (in-flight requests finish), then SIGKILL after a grace period; reap the server, kill
-        any stub left behind, remove its shared memory, and its work folder unless it failed (then the
-        log stays for reading, and the path is in the message that reported the failure).
+    def stop(self, graceful: bool = True, drain: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after a grace period; reap the server, kill any stub left behind,
+        remove its shared memory, and its work folder unless it failed (then the log stays for reading,
+        and the path is in the message that reported the failure). Requests in flight get `drain`
+        seconds (default: settings.drain_timeout) to finish, then end with UNAVAILABLE.
         graceful=False kills at once: for a broken server, whose in-flight requests would never end."""
         if self._stopped:  # once: the process group id of a reaped server may belong to another by now
             return self.proc.returncode if self.proc else None
@@ -220,6 +239,7 @@ class TritonServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             rc = self.proc.wait()
         elif self.proc and self.proc.poll() is None:
+            lifecycle.write_stop_note(self._workdir, self.settings.drain_timeout if drain is None else drain)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 rc = self.proc.wait(self.settings.exit_timeout + 15)
@@ -244,6 +264,8 @@ class TritonServer:
         if getattr(self, "_log", None):
             self._log.close()
         keep_log = rc not in (0, None) and self.settings.log_path is None
+        if keep_log:
+            lifecycle.release(self._workdir)  # the log is the user's now: no sweep removes it
         shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return rc
 

@@ -3,6 +3,8 @@
 execute() only hands requests to shelfsight.engine.Engine and returns; the engine batches them
 continuously on its own thread and streams each request's text deltas back through its response
 sender, the last response flagged final. Engine metrics are exported as Triton custom metrics.
+When the launcher stops the server it says how long requests may still take (the stop note,
+shelfsight/serving/lifecycle.py); the engine finishes what it can in that time and fails the rest.
 """
 import torch
 
@@ -10,7 +12,7 @@ from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
 from shelfsight.model.checkpoint import load_model
 from shelfsight.params import GenerationParams
-from shelfsight.serving import contract, manifest as manifest_mod
+from shelfsight.serving import contract, lifecycle, manifest as manifest_mod
 from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar
 
 import triton_python_backend_utils as pb_utils
@@ -104,6 +106,13 @@ class TritonPythonModel:
         self.observer = TritonObserver(args["model_name"])
         self.engine = Engine(model, tokenizer, m.engine, self.observer)
         self.engine.start()
+        # Triton waits for in-flight requests before it unloads (and calls finalize), and nothing it
+        # does ends a request that is decoding: the note is how they end in time
+        self.stop_note = lifecycle.StopNoteWatch(self._stopping)
+
+    def _stopping(self, drain_seconds: float) -> None:
+        pb_utils.Logger.log_info(f"generate: stopping; in-flight requests get {drain_seconds:.1f}s")
+        self.engine.stop(timeout=drain_seconds)
 
     def _request(self, request) -> Request:
         raw = scalar(request, contract.PARAMS, lambda v: v)
@@ -130,8 +139,9 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        # Triton's exit timeout already gave in-flight requests their chance; what is left now gets
-        # an error, and the engine thread is gone before the stub tears down
+        # The drain already gave in-flight requests their chance; what is left now gets an error, and
+        # the engine thread is gone before the stub tears down
+        self.stop_note.close()
         self.engine.stop(timeout=2.0)
         self.engine = None  # it holds the observer too
         self.observer.close()
