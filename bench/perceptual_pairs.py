@@ -13,7 +13,7 @@ partner looked up after, as the gateway does:
   noise) as JPEG q70-95, resized to 80-100%, cropped by up to 1% on any sides, and combinations.
   A perceptual hit is a true hit.
 
-- the families of bench/perceptual_families.py: colour regions of 1.6-40% changed at the same grey
+- the families of bench/_families.py: colour regions of 1.6-40% changed at the same grey
   level, faint small print, one product of a shelf recoloured (false hits), and their pictures' copies.
 
 Prints the rates with counts for three rules in the same run: hash only (pHash + colour layout), the
@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import synth  # noqa: E402
-from bench import perceptual_families as pf  # noqa: E402
+from bench import _families as pf  # noqa: E402
 from shelfsight.gateway import cache, likeness  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
 

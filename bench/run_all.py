@@ -29,8 +29,9 @@ BENCHMARKS = {
     "engine": 240,
     "pipeline": 600,
     "gateway": 480,
-    "perceptual_pairs": 1200,  # the full pair set: ~4 min here
+    "perceptual_pairs": 3600,  # the full pair set under three rules: ~12 min here
     "load": 240,  # 6 fresh processes that each load the tiny int4 checkpoint: ~40 s here
+    "gateway_memory": 300,  # three fresh processes, 160 pictures each: ~75 s here
 }
 STDERR_TAIL = 3000  # characters of a failed benchmark's stderr worth showing
 
