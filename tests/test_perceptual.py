@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench import perceptual_families as pf
+from bench import _families as pf
 from bench import perceptual_pairs as pp
 from shelfsight.gateway import cache, likeness
 from shelfsight.gateway.settings import CacheSettings
