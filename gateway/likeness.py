@@ -115,12 +115,13 @@ REACH = 0.02  # largest scale and shift (fraction of the side) the alignment tri
 CONTRAST = 128  # grey levels: how much the local range weighs (see `difference`)
 CHROMA_SCALE = 400.0  # OKLab a, b (about -0.3..0.3) stored as uint8 128 + 400 x
 # An OKLab colour distance of 0.0025 x CHROMA_WEIGHT weighs as one grey level, so the served bound (47)
-# is a distance of 47 / CHROMA_WEIGHT / 400 in a-b (bench/perceptual_pairs.py measures both sides).
+# is an a-b distance of 47 / 3 / 400 = 0.039: copies reach 0.026, changed regions >= 0.082
+# (bench/perceptual_pairs.py, 3,384 copies, 72 colour pairs).
 CHROMA_WEIGHT = 3.0
 FAINT_BLUR = 0.7  # px: about a stroke of 12-16 px print at 512 px
 FAINT_CONTRAST = 32  # grey levels: the faint-print residual weighs up to 9x where the local range is flat
 # The residual is served up to 52: copies reach 50.9 (bench/perceptual_pairs.py, 3,384 copies), changed
-# faint print 24-80 (19 of 24 above 52), changed labels >= 84.
+# faint print 23.7-80 (19 of 24 above 52).
 FAINT_WEIGHT = 47 / 52
 MAGIC = b"SL3"  # grey + half-size a, b; anything else (the old grey-only ones) is never vouched for
 

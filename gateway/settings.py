@@ -20,14 +20,15 @@ class CacheSettings:
     phash_bits: int = 256
     max_distance: int = 112
     max_colour_distance: float = 4.0
-    # A candidate is served when its 512 px grey thumbnail and the picture disagree by at most
-    # `max_difference` at every pixel after alignment (likeness.difference: grey levels, weighed up to 3x
-    # where the local contrast is low). Measured by bench/perceptual_pairs.py (907 text-only pairs,
-    # 2,928 copies): copies (JPEG q70-95, 80-100% resizes, <= 1% crops) <= 41.9, labels whose text
-    # changed >= 53.4. verify=False is the old rule (hash only, max_distance 10), which served other
-    # labels' answers: it is there to measure, not to run.
+    # A candidate is served when its 512 px thumbnail and the picture disagree by at most
+    # `max_difference` at every pixel after alignment (likeness.difference: grey levels weighed up to 3x
+    # where the local contrast is low, OKLab colour, and the faint-print residual, each in grey-level
+    # units). Measured by bench/perceptual_pairs.py (907 text pairs, 114 colour, faint-print and shelf
+    # pairs, 3,384 copies): copies (JPEG q70-95, 80-100% resizes, <= 1% crops) <= 46.0, changed labels
+    # >= 71.3 (docs/gateway.md has the rates per family). verify=False is the old rule (hash only,
+    # max_distance 10), which served other labels' answers: it is there to measure, not to run.
     verify: bool = True
-    verify_side: int = 512  # px, the thumbnail's long side: <= 256 KiB before zlib
+    verify_side: int = 512  # px, the thumbnail's long side: grey 256 KiB + colour 128 KiB before zlib
     max_difference: float = 47.0
     # Sampled answers (temperature > 0, no seed - the serving defaults) are cached too: a stored draw is
     # as good an answer as a new one, and a platform asks the same photo and question again and again.
