@@ -248,7 +248,8 @@ def test_kill_9_of_serve_leaves_nothing_running_and_the_next_start_cleans_up(ser
 
     os.kill(victim.proc.pid, signal.SIGKILL)
     t0 = time.monotonic()
-    while running_from(folder) and time.monotonic() - t0 < 15:
+    # the stubs' command lines name the repository, not the folder: wait for them by pid too
+    while (running_from(folder) or alive(triton) or any(alive(p) for p in stubs)) and time.monotonic() - t0 < 15:
         time.sleep(0.05)
     gone = time.monotonic() - t0
     assert not running_from(folder), f"outlived a killed serve: {running_from(folder)}"
