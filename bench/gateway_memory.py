@@ -89,7 +89,7 @@ async def drive(images: list[bytes], concurrency: int, budget: bool) -> dict:
                 return
             e = c.encoded
             probe = cache.Probe(cache.make_key(image, c.question, "", {}, "bench", False),
-                                cost=decoded_pixels(e.format, e.width, e.height))
+                                cost=decoded_pixels(e), pixels=e.pixels)
             if await rc.lookup(probe, image, lambda *_: None) is None:
                 await asyncio.sleep(0.05)  # the model call, during which the probe is held
                 await rc.put(probe, image, cache.CachedAnswer("answer", "bench", 1, 1, "stop", time.time()))

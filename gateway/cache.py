@@ -15,9 +15,11 @@ Only complete, successful answers are stored (the service decides what qualifies
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
+import os
 import time
 import unicodedata
 from collections import OrderedDict
@@ -73,7 +75,7 @@ def _nearest_first(found: list[tuple[tuple[float, int], str]]) -> list[str]:
 SCAN_ON_LOOP = 256  # signatures compared on the event loop; more are compared on a worker thread
 
 
-async def _near_ones(entries: list[tuple[str, Signature | str]], sig: Signature, max_distance: int,
+async def near_ones(entries: list[tuple[str, Signature | str]], sig: Signature, max_distance: int,
                      max_colour: float) -> list[tuple[tuple[float, int], str]]:
     """The entries (exact key, signature or its text) within both bounds of `sig`. A context can hold
     thousands of pictures (one question asked of a whole catalogue), ~7 us each: a scan of 10,000 is
@@ -110,7 +112,7 @@ class MemoryStore:
 
     async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
         entries = list(self._by_context.get(context, {}).items())  # a snapshot: puts may run meanwhile
-        return _nearest_first(await _near_ones(entries, sig, max_distance, max_colour))
+        return _nearest_first(await near_ones(entries, sig, max_distance, max_colour))
 
     async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float,
                   thumb: bytes | None = None) -> None:
@@ -191,19 +193,29 @@ class RedisStore:
             return await self.redis.get(f"{self.prefix}:t:{exact}")
 
     async def candidates(self, context: str, sig: Signature, max_distance: int, max_colour: float) -> list[str]:
-        index = f"{self.prefix}:p:{context}"
+        found = await near_ones(await self.signatures(context), sig, max_distance, max_colour)
+        return await self.live(context, found)
+
+    async def signatures(self, context: str) -> list[tuple[str, str]]:
+        """(exact key, signature text) of every picture stored under `context`: one Redis round trip."""
         async with self._reach("candidates"):
-            entries = [(exact.decode(), raw.decode()) for exact, raw in (await self.redis.hgetall(index)).items()]
-            found = await _near_ones(entries, sig, max_distance, max_colour)
+            raw = await self.redis.hgetall(f"{self.prefix}:p:{context}")
+        return [(exact.decode(), sig.decode()) for exact, sig in raw.items()]
+
+    async def live(self, context: str, found: list[tuple[tuple[float, int], str]]) -> list[str]:
+        """The found keys whose answers still exist, nearest first; the expired ones' signatures are
+        forgotten. The Redis half of `candidates`, apart from the scan (the guard bounds only this)."""
+        if not found:
+            return []
+        async with self._reach("candidates"):
             pipe = self.redis.pipeline()
             for _, exact in found:
                 pipe.exists(f"{self.prefix}:x:{exact}")
-            live = await pipe.execute() if found else []
+            live = await pipe.execute()
             gone = [exact for (_, exact), ok in zip(found, live) if not ok]
             if gone:  # their answers expired: forget their signatures too
-                await self.redis.hdel(index, *gone)
-        found = [f for f, ok in zip(found, live) if ok]
-        return _nearest_first(found)
+                await self.redis.hdel(f"{self.prefix}:p:{context}", *gone)
+        return _nearest_first([f for f, ok in zip(found, live) if ok])
 
     async def put(self, exact: str, context: str, sig: Signature | None, value: bytes, ttl: float,
                   thumb: bytes | None = None) -> None:
@@ -242,6 +254,7 @@ class Probe:
 
     key: CacheKey
     cost: int = 0  # pixels decoding the picture holds at its peak (likeness.decoded_pixels)
+    pixels: int | None = None  # its size by the header: a picture that opens larger is not decoded
     signature: Signature | None = None
     picture: object = None  # the decoded picture (Pillow RGB, <= KEEP_SIDE) while candidates are checked
     thumb: bytes | None = None  # the encoded thumbnail, kept from a miss until the answer is stored
@@ -249,23 +262,32 @@ class Probe:
 
 class DecodeBudget:
     """Bounds the pixels being decoded at once: a 40 MP PNG holds 120 MB while it decodes, and eight
-    at once held 6 GB. A picture larger than the whole budget still goes, alone."""
+    at once held 6 GB. A picture larger than the whole budget still goes, alone. Pixels are given back
+    when the decode itself ends, not when the request waiting for it does: a decode on a thread cannot
+    be cancelled, so a client that gives up must not free what that thread still holds."""
 
     def __init__(self, pixels: int):
         self.limit, self.used = pixels, 0
-        self._freed = asyncio.Condition()
+        self._waiting: list[asyncio.Future] = []
 
-    @contextlib.asynccontextmanager
-    async def hold(self, pixels: int):
-        async with self._freed:
-            await self._freed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
-            self.used += pixels
-        try:
-            yield
-        finally:
-            async with self._freed:
-                self.used -= pixels
-                self._freed.notify_all()
+    async def acquire(self, pixels: int) -> None:
+        while not (self.used == 0 or self.used + pixels <= self.limit):
+            woken = asyncio.get_running_loop().create_future()
+            self._waiting.append(woken)
+            try:
+                await woken
+            finally:
+                if woken in self._waiting:
+                    self._waiting.remove(woken)
+        self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        """On the event loop's thread (the cache calls it through call_soon_threadsafe)."""
+        self.used -= pixels
+        for woken in self._waiting:  # each checks again whether it fits now
+            if not woken.done():
+                woken.set_result(None)
+        self._waiting.clear()
 
 
 class ResultCache:
@@ -275,15 +297,29 @@ class ResultCache:
         self.settings = settings
         self.store = store or (RedisStore(settings.redis_url) if settings.redis_url else MemoryStore(settings.max_bytes))
         self.decoding = DecodeBudget(settings.decode_pixels)
+        # Picture work (decodes, checks, thumbnails) on threads of its own, one per core: CPU-bound, and
+        # kept from the default pool that the rest of the gateway shares.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                           thread_name_prefix="shelfsight-picture")
+
+    async def _run(self, fn, *args):
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     def _examine(self, probe: Probe, image: bytes) -> None:
-        probe.picture = decode_picture(image)
+        probe.picture = decode_picture(image, probe.pixels)
         probe.signature = signature_of(probe.picture, self.settings.phash_bits)
 
     async def _decode(self, probe: Probe, image: bytes) -> None:
         """Decode off the event loop, within the budget; a picture Pillow cannot read has no signature."""
-        async with self.decoding.hold(probe.cost):
-            await asyncio.to_thread(self._examine, probe, image)
+        await self.decoding.acquire(probe.cost)
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._pool.submit(self._examine, probe, image)
+        except BaseException:
+            self.decoding.release(probe.cost)
+            raise
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.decoding.release, probe.cost))
+        await asyncio.wrap_future(job)
 
     def _keep_thumbnail(self, probe: Probe) -> None:
         """Make the thumbnail a stored answer will need and let go of the decoded picture."""
@@ -317,7 +353,7 @@ class ResultCache:
         on_result("perceptual", False)
         # A miss: the model is asked next, and its answer stored with this thumbnail. Only the
         # thumbnail (~100-250 KiB) waits for it, not the decoded picture.
-        await asyncio.to_thread(self._keep_thumbnail, probe)
+        await self._run(self._keep_thumbnail, probe)
         return None
 
     async def _same_picture(self, probe: Probe, exact: str) -> bool:
@@ -325,7 +361,7 @@ class ResultCache:
         if raw is None:  # stored without one (verification was off): cannot be vouched for
             return False
         try:
-            return await asyncio.to_thread(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
+            return await self._run(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
         except Exception:  # a damaged entry is a miss, never a failed request
             return False
 
@@ -334,7 +370,7 @@ class ResultCache:
             try:
                 if probe.signature is None:  # not looked up (REFRESH): decode now
                     await self._decode(probe, image)
-                await asyncio.to_thread(self._keep_thumbnail, probe)
+                await self._run(self._keep_thumbnail, probe)
             except Exception:
                 probe.signature, probe.thumb = None, None
         probe.picture = None
@@ -347,3 +383,4 @@ class ResultCache:
 
     async def close(self) -> None:
         await self.store.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)

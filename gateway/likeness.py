@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shelfsight.model.imaging import FORMATS
+from shelfsight.model.imaging import FORMATS, Encoded, to_rgb
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,16 @@ DRAFT = 512  # px: JPEGs are decoded at the smallest DCT scale that keeps both s
 KEEP_SIDE = 1024  # px: the long side a decoded picture is reduced to before it is kept (2x the thumbnail)
 
 
-def decode_picture(image: bytes):
-    """The picture as Pillow RGB, upright, decoded at >= 512 px a side and reduced to at most
-    KEEP_SIDE: what signatures and thumbnails are made from. The caller has read the pixel size from
-    the header (imaging.check_encoded) and bounded it; `decoded_pixels` says what this costs."""
+def decode_picture(image: bytes, max_pixels: int | None = None):
+    """The picture as RGB the way the model sees it (imaging.to_rgb: transparency on white, 16-bit
+    samples scaled), upright, decoded at >= 512 px a side and reduced to at most KEEP_SIDE: what
+    signatures and thumbnails are made from. `max_pixels`: what the header said (imaging.check_encoded);
+    a picture that opens larger (a GIF whose frame outgrows its screen) is refused before decoding."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(image), formats=FORMATS) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ValueError(f"opens as {im.width}x{im.height}, more than its header said")
         # Draft decoding keeps >= 512 px a side: a 12 MP JPEG decodes 4x smaller, cheaply. Drafting
         # further (to 128 px) made copies resized by 90% land on other DCT scales, and their hashes
         # apart: median distance 14 instead of 2 on product renders.
@@ -55,19 +58,22 @@ def decode_picture(image: bytes):
         # them copies even when there is nothing to do (3 x 108 MB for a 36 MP PNG).
         factor = -(-max(im.size) // KEEP_SIDE)
         small = im.reduce(factor) if factor > 1 and im.mode in ("RGB", "L", "RGBA", "LA") else im
-        upright = ImageOps.exif_transpose(small.convert("RGB") if small.mode != "RGB" else small)
-    if max(upright.size) > KEEP_SIDE:  # a mode reduce() does not take (palette, 1-bit): converted first
+        upright = ImageOps.exif_transpose(to_rgb(small))
+    if max(upright.size) > KEEP_SIDE:  # a mode reduce() does not take (palette, 16-bit): converted first
         upright = upright.reduce(-(-max(upright.size) // KEEP_SIDE))
     return upright
 
 
-def decoded_pixels(fmt: str, width: int, height: int) -> int:
-    """Pixels `decode_picture` holds at its peak for a picture of this format and size."""
-    if fmt == "JPEG":
+def decoded_pixels(encoded: Encoded) -> int:
+    """Pixels `decode_picture` holds at its peak, in RGB pixels, for a picture of this header."""
+    w, h = encoded.width, encoded.height
+    if encoded.format == "JPEG":
+        if encoded.progressive:  # libjpeg keeps every DCT coefficient (2 bytes, full size) whatever the draft:
+            return 2 * w * h     # a 6000x6000 progressive JPEG grew RSS by 209 MB, a baseline one by 5 MB
         for scale in (8, 4, 2):
-            if width // scale >= DRAFT and height // scale >= DRAFT:
-                return -(-width // scale) * -(-height // scale)
-    return width * height
+            if w // scale >= DRAFT and h // scale >= DRAFT:
+                return -(-w // scale) * -(-h // scale)
+    return w * h
 
 
 def signature_of(picture, bits: int) -> Signature:
@@ -114,8 +120,8 @@ CHROMA_BLUR = 0.75  # px of that grid: copies differ at colour edges by a pixel 
 REACH = 0.02  # largest scale and shift (fraction of the side) the alignment tries
 CONTRAST = 128  # grey levels: how much the local range weighs (see `difference`)
 CHROMA_SCALE = 400.0  # OKLab a, b (about -0.3..0.3) stored as uint8 128 + 400 x
-# An OKLab colour distance of 0.0025 x CHROMA_WEIGHT weighs as one grey level, so the served bound (47)
-# is an a-b distance of 47 / 3 / 400 = 0.039: copies reach 0.026, changed regions >= 0.082
+# An OKLab colour distance of 0.0025 (one stored unit) weighs as CHROMA_WEIGHT grey levels, so the served
+# bound (47) is an a-b distance of 47 / 3 / 400 = 0.039: copies reach 0.026, changed regions >= 0.082
 # (bench/perceptual_pairs.py, 3,384 copies, 72 colour pairs).
 CHROMA_WEIGHT = 3.0
 FAINT_BLUR = 0.7  # px: about a stroke of 12-16 px print at 512 px

@@ -26,7 +26,7 @@ import time
 from typing import Awaitable, Callable, TypeVar
 
 from shelfsight.errors import CacheUnavailable
-from shelfsight.gateway.cache import MemoryStore, RedisStore
+from shelfsight.gateway.cache import MemoryStore, RedisStore, near_ones
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.settings import CacheSettings
 from shelfsight.gateway.tasks import Background
@@ -68,8 +68,13 @@ class GuardedStore:
         return await self._guard("thumbnail", lambda: self.inner.thumbnail(exact), None)
 
     async def candidates(self, context: str, sig, max_distance: int, max_colour: float) -> list[str]:
-        return await self._guard("candidates",
-                                 lambda: self.inner.candidates(context, sig, max_distance, max_colour), [])
+        # Only the round trips are bounded: the scan between them is local work (on a thread when it is
+        # long), and a busy thread pool must not read as a Redis that stopped answering.
+        entries = await self._guard("candidates", lambda: self.inner.signatures(context), None)
+        if not entries:
+            return []
+        found = await near_ones(entries, sig, max_distance, max_colour)
+        return await self._guard("candidates", lambda: self.inner.live(context, found), [])
 
     async def put(self, exact: str, context: str, sig, value: bytes, ttl: float, thumb: bytes | None = None) -> None:
         await self._guard("put", lambda: self.inner.put(exact, context, sig, value, ttl, thumb), None)

@@ -135,7 +135,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
             # hashing 20 MB takes ~15 ms: not on the event loop, where every other call waits for it
             key = await asyncio.to_thread(key) if len(c.image) > HASH_ON_LOOP else key()
             e = c.encoded
-            probe = Probe(key, cost=decoded_pixels(e.format, e.width, e.height) if e else 0)
+            probe = Probe(key, cost=decoded_pixels(e) if e else 0, pixels=e.pixels if e else None)
             if c.policy == pb.CACHE_POLICY_USE:
                 hit = await self.cache.lookup(probe, c.image, self._on_lookup)
                 if hit is not None:

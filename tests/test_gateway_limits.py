@@ -62,7 +62,8 @@ def health_latencies(gw, stop: threading.Event, out: list[float]) -> None:
 def test_a_hostile_body_is_refused_at_once_and_health_keeps_answering(gateway, body):
     """600 KB of 0xFF took 15.9 s to refuse (a varint read as one ever-growing integer), and every other
     call waited; 300,000 valid-looking fields are the same attack made of legal varints."""
-    raw = b"\xff" * 600_000 if body == "0xff" else b"\x08\x01" * 300_000
+    # the fields end in a byte that cannot start one, so the body does not parse and the walk runs
+    raw = b"\xff" * 600_000 if body == "0xff" else b"\x08\x01" * 300_000 + b"\xff"
     stop, latencies = threading.Event(), []
     checker = threading.Thread(target=health_latencies, args=(gateway, stop, latencies))
     checker.start()
@@ -78,8 +79,10 @@ def test_a_hostile_body_is_refused_at_once_and_health_keeps_answering(gateway, b
     finally:
         stop.set()
         checker.join()
-    assert min(took) < 0.1, took
-    assert latencies and max(latencies) < 0.1, max(latencies)
+    # bounds with room for a busy 2-core machine; before the fix these took 4-16 s
+    assert sorted(took)[1] < 0.1, took
+    latencies.sort()
+    assert latencies and latencies[int(0.95 * len(latencies))] < 0.1 and latencies[-1] < 0.5, latencies[-5:]
 
 
 @pytest.mark.parametrize("make,message", [
@@ -123,15 +126,23 @@ def test_large_pictures_under_the_limit_are_decoded_within_the_budget(gateway):
     assert rss() - before < 120e6, f"kept {(rss() - before) / 1e6:.0f} MB"
 
 
+async def model_call_started(gw) -> None:
+    """Until the gateway has a model call in flight (the leader's), so that the next request follows it."""
+    deadline = time.monotonic() + 10
+    while metric(gw, "shelfsight_model_calls_in_flight") < 1:
+        assert time.monotonic() < deadline, "the first request never reached the model"
+        await asyncio.sleep(0.02)
+
+
 def test_a_coalesced_follower_keeps_its_own_deadline(gateway):
-    """A asks with a 1 s deadline, B the same 0.3 s later with 60 s: A's deadline ends A alone."""
+    """A asks with a 1 s deadline, B the same once A's call runs, with 60 s: A's deadline ends A alone."""
     ask = dict(temperature=0.0, max_new_tokens=600)  # a few seconds on the tiny model
     image = photo(70)
 
     async def scenario():
         async with AsyncShelfsightClient(target(gateway)) as c:
             first = asyncio.create_task(c.recognize(image, "Describe it.", timeout=1.0, **ask))
-            await asyncio.sleep(0.3)
+            await model_call_started(gateway)
             second = asyncio.create_task(c.recognize(image, "Describe it.", timeout=60, **ask))
             return await asyncio.gather(first, second, return_exceptions=True)
     coalesced0 = metric(gateway, "shelfsight_coalesced_requests_total")
@@ -149,7 +160,7 @@ def test_a_coalesced_follower_outlives_a_leader_that_cancels(gateway):
     async def scenario():
         async with AsyncShelfsightClient(target(gateway)) as c:
             first = asyncio.create_task(c.recognize(image, "Describe it.", **ask))
-            await asyncio.sleep(0.3)
+            await model_call_started(gateway)
             second = asyncio.create_task(c.recognize(image, "Describe it.", **ask))
             await asyncio.sleep(0.3)
             first.cancel()

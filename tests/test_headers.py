@@ -63,7 +63,10 @@ SLOW_HEADERS = {
     "png of text chunks": (b"\x89PNG\r\n\x1a\n" + IHDR + chunk(b"tEXt", b"k\x00v") * 1_000_000, "PNG",
                            "more than 1024 chunks"),
     "gif of comments": (b"GIF89a" + struct.pack("<HHBBB", 10, 10, 0, 0, 0) + b"\x21\xfe\x01a\x00" * 3_000_000,
-                        "GIF", "more than 1024 blocks"),
+                        "GIF", "more than 16384 blocks"),
+    # each colour profile is inflated while Pillow opens the file: 1,000 of 1 MB of zeros took 2.3 s
+    "png of colour profiles": (b"\x89PNG\r\n\x1a\n" + IHDR + chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(1 << 20)))
+                               * 1_000, "PNG", "more than 1 iCCP chunks"),
 }
 
 
@@ -86,3 +89,35 @@ def test_cut_headers_say_they_are_unreadable(cut):
             assert "header is not readable" in e.message, name
         else:  # short headers that already hold the size (BMP, GIF, WebP) may still read it
             assert size == Image.open(io.BytesIO(data)).size, name
+
+
+def gif(screen: tuple[int, int], frame: tuple[int, int, int, int]) -> bytes:
+    """A GIF whose first frame (left, top, width, height) may lie outside its logical screen."""
+    left, top, w, h = frame
+    return (b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + bytes(6)  # 2-colour global table
+            + b"\x2c" + struct.pack("<HHHHB", left, top, w, h, 0) + b"\x02\x02\x44\x01\x00\x3b")
+
+
+@pytest.mark.parametrize("screen,frame", [((64, 64), (0, 0, 12000, 12000)), ((0, 0), (0, 0, 30, 20)),
+                                          ((10, 10), (5, 5, 30, 20)), ((100, 80), (10, 10, 20, 20))])
+def test_a_gif_is_as_large_as_its_first_frame_makes_it(screen, frame):
+    """Pillow grows the picture to hold the first frame: a 64x64 screen with a 12000x12000 frame
+    decodes 144 M pixels (1.2 GB), so the header must say so."""
+    data = gif(screen, frame)
+    assert headers.dimensions(data, "GIF") == Image.open(io.BytesIO(data)).size
+
+
+def test_cut_webp_headers_are_unreadable_not_small():
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="WEBP", lossless=False)
+    data = buf.getvalue()
+    for cut in (16, 20, 26, 29):
+        with pytest.raises(InvalidArgument, match="header is not readable"):
+            headers.dimensions(data[:cut], "WEBP")
+
+
+def test_progressive_jpegs_are_told_apart():
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48)).save(buf, format="JPEG", progressive=progressive)
+        assert headers.read(buf.getvalue(), "JPEG") == (64, 48, progressive)

@@ -171,7 +171,7 @@ def colour_pair(fraction: float, shape: str, a, b, size=(640, 640), seed=3) -> t
     return pp.jpeg(pf.draw_region(base, region, a)), pp.jpeg(pf.draw_region(base, region, b))
 
 
-# (fraction, shape, colour A, colour B at A's grey level (within 3 levels), OKLab a-b distance): the issue's
+# (fraction, shape, colour A, colour B at A's grey level (within 5 levels)), the OKLab a-b distance in the comment: the issue's
 # sizes (1.6-10%: 42 of 62 were served the other colour's answer) and larger ones, several hues
 COLOUR_PAIRS = [
     (0.016, "ellipse", (176, 3, 93), (92, 44, 83)),  # magenta cap -> plum, 0.12
@@ -245,3 +245,28 @@ def test_gateway_asks_the_model_for_the_other_colour(gateway):
         statuses = [c.recognize(im, q, **GREEDY).cache_status
                     for im in (first, second, pp.variant(likeness.decode_picture(second), quality=80, scale=0.9))]
     assert statuses == ["miss", "miss", "perceptual"]
+
+
+def test_pictures_are_compared_as_the_model_sees_them():
+    """Transparency is composited on white and 16-bit samples scaled, as Triton's preprocess does: a PNG
+    whose top half is transparent is not the opaque one (a bare convert("RGB") made them 9.5 apart)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests import imagefiles
+
+    opaque = imagefiles.photo(320, 240, seed=4).convert("RGBA")
+    clear = opaque.copy()
+    clear.putalpha(Image.fromarray(np.where(np.arange(240)[:, None] < 120, 0, 255).repeat(320, 1).astype(np.uint8)))
+    png = lambda im: imagefiles.encode(im, "PNG")  # noqa: E731
+    assert asyncio.run(served(memory_cache(), png(opaque), png(clear))) is None
+    seen = likeness.decode_picture(png(clear))
+    assert seen.getpixel((10, 10)) == (255, 255, 255)  # white where it is transparent
+    # 16-bit grey: the top 8 bits, not values clipped to white
+    deep = Image.new("I;16", (256, 64))
+    deep.frombytes((np.arange(256, dtype="<u2")[None, :].repeat(64, 0) * 257).tobytes())
+    buf = io.BytesIO()
+    deep.save(buf, format="PNG")
+    assert likeness.decode_picture(buf.getvalue()).getpixel((128, 10)) == (128, 128, 128)

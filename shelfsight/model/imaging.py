@@ -59,6 +59,7 @@ class Encoded:
     format: str
     width: int
     height: int
+    progressive: bool = False  # a progressive JPEG (decoding holds every coefficient at full size)
 
     @property
     def pixels(self) -> int:
@@ -76,9 +77,9 @@ def check_encoded(data: bytes, limits: ImageLimits) -> Encoded:
     fmt = sniff(data)
     if fmt is None:
         raise InvalidArgument("image is not a supported format (JPEG, PNG, WebP, BMP or GIF)")
-    w, h = headers.dimensions(data, fmt)
-    _check_size(w, h, limits)
-    return Encoded(fmt, w, h)
+    header = headers.read(data, fmt)
+    _check_size(header.width, header.height, limits)
+    return Encoded(fmt, *header)
 
 
 def _check_size(w: int, h: int, limits: ImageLimits) -> None:
@@ -91,7 +92,8 @@ def _check_size(w: int, h: int, limits: ImageLimits) -> None:
         raise InvalidArgument(f"image aspect ratio {max(w, h) / min(w, h):.0f}:1 exceeds {limits.max_aspect:.0f}:1")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode as RGB the way the model sees it: transparency on white, 16-bit samples scaled."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit samples (Pillow opens 16-bit grey PNG/TIFF as I;16 or I): keep the top 8 bits
         arr = np.asarray(im, dtype=np.uint32)
@@ -129,7 +131,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), enhance: bool = Fal
         im = ImageOps.exif_transpose(im)  # swaps width and height at most: the checks above still hold
     except Exception:  # a broken EXIF block must not cost the picture
         pass
-    im = _to_rgb(im)
+    im = to_rgb(im)
     if enhance:  # the reference study's preprocessing
         im = ImageEnhance.Brightness(ImageEnhance.Contrast(im).enhance(1.2)).enhance(1.1)
     return im
