@@ -333,8 +333,8 @@ class ResultCache:
         on_result("exact", raw is not None)
         if raw is not None:
             return CachedAnswer.decode(raw), "exact"
-        if not self.settings.perceptual:
-            return None
+        if not self.settings.perceptual or not getattr(self.store, "up", True):
+            return None  # (a shared store that is down has no candidates: decoding would be wasted)
         try:
             await self._decode(probe, image)
         except Exception:  # a picture Pillow cannot read has no neighbours; Triton will say why
@@ -366,7 +366,7 @@ class ResultCache:
             return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
-        if self.settings.perceptual:
+        if self.settings.perceptual and getattr(self.store, "up", True):
             try:
                 if probe.signature is None:  # not looked up (REFRESH): decode now
                     await self._decode(probe, image)

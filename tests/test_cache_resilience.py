@@ -264,3 +264,35 @@ def test_gateway_answers_while_redis_is_dead_and_caches_again_when_it_returns(tr
     dead_s = sorted(s for *_, s in dead)
     print(f"\nredis dead: {len(dead)} requests, 0 failed, p50 {dead_s[len(dead_s) // 2] * 1e3:.0f} ms, "
           f"max {dead_s[-1] * 1e3:.0f} ms; cache back {resumed:.2f} s after redis-server restarted")
+
+
+def test_pictures_are_not_decoded_for_a_store_that_is_down():
+    """While Redis is down there are no candidates to check and nothing is stored: the perceptual level
+    must not spend a decode (the gateway's CPU) on each request."""
+    from bench import perceptual_pairs as pp
+    from shelfsight.gateway import cache as cache_module
+    from shelfsight.gateway.settings import CacheSettings
+
+    a, _ = pp.issue_pair()
+    decoded = []
+    original = cache_module.decode_picture
+    cache_module.decode_picture = lambda *args: decoded.append(1) or original(*args)
+
+    async def scenario():
+        store, _ = guarded(f"redis://127.0.0.1:{free_port()}/0")
+        rc = cache_module.ResultCache(CacheSettings(), store)
+        key = cache_module.make_key(a, "q", "", {}, "m", False)
+        try:
+            await store.get("probe")  # refused: the store is down from here on
+            assert not store.up
+            probe = cache_module.Probe(key)
+            found = await rc.lookup(probe, a, lambda *_: None)
+            await rc.put(probe, a, cache_module.CachedAnswer("x", "m", 1, 1, "stop", 0.0))
+            return found
+        finally:
+            await rc.close()
+    try:
+        assert asyncio.run(scenario()) is None
+    finally:
+        cache_module.decode_picture = original
+    assert decoded == []
