@@ -208,7 +208,11 @@ def _align(q: np.ndarray, r: np.ndarray) -> list[tuple[float, float]]:
             t = np.arange(best_t - t_span, best_t + t_span + t_step / 2, t_step, dtype=np.float32)
             at = x[None, None, :] * s[:, None, None] + t[None, :, None] + n / 2 - 0.5  # (S, T, X) positions in r
             cost = ((np.interp(at, np.arange(n), pr) - pq[m:n - m]) ** 2).mean(axis=2)
-            i, j = np.unravel_index(np.argmin(cost), cost.shape)
+            # Among equal costs (a picture uniform along this axis says nothing of its scale or shift) the
+            # one nearest the current guess: the first of the grid would be its edge, 2% off.
+            ties = cost <= cost.min() + 1e-6 * max(1.0, float(cost.min()))
+            away = ((s[:, None] - best_s) / REACH) ** 2 + ((t[None, :] - best_t) / (REACH * n)) ** 2
+            i, j = np.unravel_index(np.argmin(np.where(ties, away, np.inf)), cost.shape)
             best_s, best_t = float(s[i]), float(t[j])
         out.append((best_s, best_t))
     return out
