@@ -287,3 +287,24 @@ def test_pictures_uniform_along_an_axis_align_and_are_still_told_apart():
     assert abs(pf.luma((200, 40, 40)) - pf.luma((60, 110, 30))) < 5
     seen, stored = likeness.decode_picture(pp.jpeg(green)), likeness.thumbnail(likeness.decode_picture(pp.jpeg(red)), 512)
     assert likeness.difference(seen, stored, grey_only=True) < 10 < CacheSettings().max_difference < likeness.difference(seen, stored)
+
+
+# (canvas, tag colour, ink, text A, text B, px, where, font): faint print the grey check served
+FAINT = [
+    ((640, 640), (180, 180, 180), (150, 150, 150), "$4.99", "$4.39", 16, (200, 300), "DejaVuSans-Bold.ttf"),
+    ((640, 640), (235, 200, 40), (255, 255, 255), "No. 12", "No. 17", 14, (150, 200), "DejaVuSans.ttf"),
+    ((640, 640), (60, 110, 180), (90, 140, 205), "1.5 L", "1.0 L", 16, (220, 400), "DejaVuSans-Bold.ttf"),
+]
+
+
+@pytest.mark.parametrize("size,bg,ink,a,b,px,where,font", FAINT)
+def test_faint_print_that_changed_is_a_miss(size, bg, ink, a, b, px, where, font):
+    first, second = (pf.faint_label(size, bg, ink, t, px, where, font, None) for t in (a, b))
+    stored = likeness.thumbnail(likeness.decode_picture(pp.jpeg(first)), 512)
+    seen = likeness.decode_picture(pp.jpeg(second))
+    limit = CacheSettings().max_difference
+    assert likeness.difference(seen, stored, grey_only=True) <= limit < likeness.difference(seen, stored)
+    assert asyncio.run(served(memory_cache(), pp.jpeg(first), pp.jpeg(second))) is None
+    for name in COPIES:
+        assert asyncio.run(served(memory_cache(), pp.jpeg(first), pp.variant(first, **pp.VARIANTS[name]))) == \
+            "perceptual", name
