@@ -66,7 +66,6 @@ def workload(n: int, seed: int = 0) -> list[bytes]:
 async def drive(images: list[bytes], concurrency: int, budget: bool) -> dict:
     from shelfsight.errors import InvalidArgument
     from shelfsight.gateway import cache
-    from shelfsight.gateway.likeness import decoded_pixels
     from shelfsight.gateway.settings import CacheSettings
     from shelfsight.gateway.validate import validate
     from shelfsight.model.imaging import ImageLimits
@@ -87,9 +86,7 @@ async def drive(images: list[bytes], concurrency: int, budget: bool) -> dict:
             except InvalidArgument:
                 refused += 1
                 return
-            e = c.encoded
-            probe = cache.Probe(cache.make_key(image, c.question, "", {}, "bench", False),
-                                cost=decoded_pixels(e), pixels=e.pixels)
+            probe = cache.Probe(cache.make_key(image, c.question, "", {}, "bench", False), encoded=c.encoded)
             if await rc.lookup(probe, image, lambda *_: None) is None:
                 await asyncio.sleep(0.05)  # the model call, during which the probe is held
                 await rc.put(probe, image, cache.CachedAnswer("answer", "bench", 1, 1, "stop", time.time()))

@@ -26,8 +26,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from shelfsight.errors import CacheUnavailable
-from shelfsight.gateway.likeness import Signature, Thumbnail, decode_picture, difference, near, signature_of, thumbnail
+from shelfsight.gateway.likeness import (Signature, Thumbnail, decode_picture, decoded_pixels, difference, near,
+                                        signature_of, thumbnail)
 from shelfsight.gateway.settings import CacheSettings
+from shelfsight.model.imaging import Encoded
 
 ENTRY_OVERHEAD = 256  # bytes per entry beyond its value: keys, bookkeeping
 
@@ -253,11 +255,15 @@ class Probe:
     """What a lookup learned, reused when the answer is stored after a miss."""
 
     key: CacheKey
-    cost: int = 0  # pixels decoding the picture holds at its peak (likeness.decoded_pixels)
-    pixels: int | None = None  # its size by the header: a picture that opens larger is not decoded
+    encoded: Encoded | None = None  # format and size from the header (validate): what decoding costs
     signature: Signature | None = None
     picture: object = None  # the decoded picture (Pillow RGB, <= KEEP_SIDE) while candidates are checked
     thumb: bytes | None = None  # the encoded thumbnail, kept from a miss until the answer is stored
+
+    @property
+    def cost(self) -> int:
+        """Pixels decoding the picture holds at its peak (0: unknown, never held back)."""
+        return decoded_pixels(self.encoded) if self.encoded else 0
 
 
 class DecodeBudget:
@@ -306,19 +312,20 @@ class ResultCache:
         return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     def _examine(self, probe: Probe, image: bytes) -> None:
-        probe.picture = decode_picture(image, probe.pixels)
+        probe.picture = decode_picture(image, probe.encoded.pixels if probe.encoded else None)
         probe.signature = signature_of(probe.picture, self.settings.phash_bits)
 
     async def _decode(self, probe: Probe, image: bytes) -> None:
         """Decode off the event loop, within the budget; a picture Pillow cannot read has no signature."""
-        await self.decoding.acquire(probe.cost)
+        cost = probe.cost
+        await self.decoding.acquire(cost)
         loop = asyncio.get_running_loop()
         try:
             job = self._pool.submit(self._examine, probe, image)
         except BaseException:
-            self.decoding.release(probe.cost)
+            self.decoding.release(cost)
             raise
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.decoding.release, probe.cost))
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.decoding.release, cost))
         await asyncio.wrap_future(job)
 
     def _keep_thumbnail(self, probe: Probe) -> None:

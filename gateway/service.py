@@ -18,7 +18,6 @@ import uuid
 from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
-from shelfsight.gateway.likeness import decoded_pixels
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
@@ -134,8 +133,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
                                     c.enhance)
             # hashing 20 MB takes ~15 ms: not on the event loop, where every other call waits for it
             key = await asyncio.to_thread(key) if len(c.image) > HASH_ON_LOOP else key()
-            e = c.encoded
-            probe = Probe(key, cost=decoded_pixels(e) if e else 0, pixels=e.pixels if e else None)
+            probe = Probe(key, encoded=c.encoded)
             if c.policy == pb.CACHE_POLICY_USE:
                 hit = await self.cache.lookup(probe, c.image, self._on_lookup)
                 if hit is not None:
