@@ -100,9 +100,14 @@ def _start_time(pid: int) -> int | None:
 def claim(folder: Path, shm_prefix: str = "") -> None:
     """Record this process as the owner of `folder` (and of the shm regions named `shm_prefix`*)."""
     record = {"pid": os.getpid(), "start": _start_time(os.getpid()), "shm_prefix": shm_prefix}
-    tmp = folder / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / OWNER_FILE)  # whole or absent: a sweeper never reads half a record
+    _write_whole(folder / OWNER_FILE, json.dumps(record))  # a sweeper never reads half a record
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `path` so that a reader finds it whole or absent: a sibling file, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def release(folder: Path) -> None:
@@ -168,9 +173,7 @@ def write_stop_note(folder: Path, drain_seconds: float) -> Path:
     """Tell the models in a server started with `environment_for(folder)` to end their requests
     within `drain_seconds` (0: now). Written before SIGTERM."""
     note = folder / "stopping"
-    tmp = folder / ".stopping.tmp"
-    tmp.write_text(f"{max(0.0, drain_seconds):.3f}\n")
-    tmp.replace(note)
+    _write_whole(note, f"{max(0.0, drain_seconds):.3f}\n")
     return note
 
 
