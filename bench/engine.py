@@ -95,7 +95,7 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
             s = Timed(on_done=submit_next)
             sinks.append(s)
         engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
-                              torch.from_numpy(x.image_grid_thw), f"bench-{time.perf_counter()}", p, s))
+                              torch.from_numpy(x.image_grid_thw), (f"bench-{time.perf_counter()}",), p, s))
 
     t0 = time.perf_counter()
     for _ in range(min(concurrency, len(inputs))):
@@ -125,7 +125,7 @@ def run_generate(model, inputs, new_tokens, device) -> dict:
     batch = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
                  mm_token_type_ids=(ids == qwen.IMAGE_PAD_ID).long().to(device),
                  pixel_values=torch.cat([torch.from_numpy(x.pixel_values) for x in inputs]).to(device),
-                 image_grid_thw=torch.stack([torch.from_numpy(x.image_grid_thw) for x in inputs]).to(device))
+                 image_grid_thw=torch.cat([torch.from_numpy(x.image_grid_thw) for x in inputs]).to(device))
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()

@@ -22,8 +22,12 @@ CONTROL_TOKENS = tuple(t for t in qwen.SPECIAL_TOKENS if t != "<|endoftext|>") +
 @dataclass(frozen=True)
 class Limits:
     max_new_tokens: int = 2048
-    max_question_chars: int = 4000
+    max_question_chars: int = 4000  # one text of a user or assistant turn
     max_system_chars: int = 4000
+    # a conversation (several pictures and turns): each bound applies to the whole request
+    max_pictures: int = 8
+    max_turns: int = 32
+    max_conversation_chars: int = 16_000
 
 
 @dataclass(frozen=True)

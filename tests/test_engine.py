@@ -61,8 +61,7 @@ def images():
 def submit(engine, pre, data, question, p: GenerationParams, sink=None):
     x = pre(data, question)
     sink = sink or Collect()
-    engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
-                          torch.from_numpy(x.image_grid_thw), x.image_key, p, sink))
+    engine.submit(Request.of(x, p, sink))
     return sink
 
 
@@ -152,17 +151,18 @@ def test_inconsistent_requests_are_refused_at_submit(setup):
     x = pre(images()[0], QUESTIONS[0])
     p = GenerationParams(max_new_tokens=4, temperature=0.0)
     ids = torch.from_numpy(x.input_ids)
-    with pytest.raises(InvalidArgument, match="image tokens"):
-        engine.submit(Request(ids[:-30], torch.from_numpy(x.pixel_values), torch.from_numpy(x.image_grid_thw),
-                              "k", p, Collect()))
+    grid = torch.from_numpy(x.image_grid_thw)
+    with pytest.raises(InvalidArgument, match="image-token runs"):
+        engine.submit(Request(ids[:-30], torch.from_numpy(x.pixel_values), grid, ("k",), p, Collect()))
     with pytest.raises(InvalidArgument, match="patches"):
-        engine.submit(Request(ids, torch.from_numpy(x.pixel_values[:10]), torch.from_numpy(x.image_grid_thw),
-                              "k", p, Collect()))
-    with pytest.raises(InvalidArgument, match=r"\[1, 3, 4\] is not a multiple of the model's merge size 2"):
-        engine.submit(Request(ids, torch.zeros(12, x.pixel_values.shape[1]), torch.tensor([1, 3, 4]), "k", p,
+        engine.submit(Request(ids, torch.from_numpy(x.pixel_values[:10]), grid, ("k",), p, Collect()))
+    with pytest.raises(InvalidArgument, match=r"\[\[1, 3, 4\]\] is not a multiple of the model's merge size 2"):
+        engine.submit(Request(ids, torch.zeros(12, x.pixel_values.shape[1]), torch.tensor([[1, 3, 4]]), ("k",), p,
                               Collect()))
+    with pytest.raises(InvalidArgument, match="1 image keys for 2 pictures"):
+        engine.submit(Request(ids, torch.from_numpy(x.pixel_values), grid.repeat(2, 1), ("k",), p, Collect()))
     with pytest.raises(InvalidArgument, match="exceeds the model length"):
-        engine.submit(Request(ids, torch.from_numpy(x.pixel_values), torch.from_numpy(x.image_grid_thw), "k",
+        engine.submit(Request(ids, torch.from_numpy(x.pixel_values), grid, ("k",),
                               GenerationParams(max_new_tokens=40_000), Collect()))
 
 
@@ -226,11 +226,10 @@ def test_one_vision_pass_for_a_picture_asked_twice_in_one_group(setup, monkeypat
     reqs = []
     for picture, question in ((data, QUESTIONS[0]), (other, QUESTIONS[1]), (data, QUESTIONS[2])):
         x = pre(picture, question)
-        reqs.append(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
-                            torch.from_numpy(x.image_grid_thw), x.image_key, GenerationParams(), Collect()))
-    assert reqs[0].image_key == reqs[2].image_key != reqs[1].image_key
+        reqs.append(Request.of(x, GenerationParams(), Collect()))
+    assert reqs[0].image_keys == reqs[2].image_keys != reqs[1].image_keys
     with torch.inference_mode():
         feats = vision(model, reqs, VisionCache(cache_bytes), observer)
     assert calls == [2]  # one pass, two pictures
-    assert feats[2][0] is feats[0][0] and not torch.equal(feats[1][0][:1], feats[0][0][:1])
+    assert feats[2][0] is feats[0][0] and not torch.equal(feats[1][0][0][:1], feats[0][0][0][:1])
     assert seen == ([False, False, False] if cache_bytes else [])

@@ -82,8 +82,7 @@ def make_requests(pre, n, p):
     out = []
     for i, data in enumerate(images()[:n]):
         x = pre(data, QUESTIONS[i % 4])
-        out.append(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
-                           torch.from_numpy(x.image_grid_thw), x.image_key, p, Collect()))
+        out.append(Request.of(x, p, Collect()))
     return out
 
 
@@ -169,7 +168,7 @@ def test_slots_are_reused_after_finish_cancel_and_failure(setup):
         x = pre(data[5], QUESTIONS[0])
         broken = Collect()
         engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values[:, :-8]),
-                              torch.from_numpy(x.image_grid_thw), "broken", p, broken))
+                              torch.from_numpy(x.image_grid_thw), ("broken",), p, broken))
         cancelled = [submit(engine, pre, data[6], QUESTIONS[1], GenerationParams(max_new_tokens=40, temperature=0.0),
                             Collect(cancel_after=2)) for _ in range(2)]
         again = [submit(engine, pre, data[i], QUESTIONS[i % 4], p) for i in range(4)]

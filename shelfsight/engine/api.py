@@ -28,17 +28,27 @@ class Sink(Protocol):
 
 @dataclass
 class Request:
-    input_ids: torch.Tensor  # [L] int64
-    pixel_values: torch.Tensor  # [grid_h * grid_w, C*T*P*P] float32
-    grid_thw: torch.Tensor  # [3] int64
-    image_key: str
+    input_ids: torch.Tensor  # [L] int64, each picture's visual tokens as a run of <|image_pad|>
+    pixel_values: torch.Tensor  # [P, C*T*P*P] float32: every picture's patches in order (0 rows: text only)
+    grid_thw: torch.Tensor  # [n, 3] int64: (1, grid_h, grid_w) per picture
+    image_keys: tuple[str, ...]  # per picture; equal keys mean equal patches (the vision cache's key)
     params: GenerationParams
     sink: Sink
     arrival: float = field(default_factory=time.perf_counter)
 
+    @classmethod
+    def of(cls, inputs, params: GenerationParams, sink: Sink) -> "Request":
+        """From preprocessing's ModelInputs (numpy), copied into tensors."""
+        return cls(torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.pixel_values),
+                   torch.tensor(inputs.image_grid_thw, dtype=torch.int64).reshape(-1, 3),
+                   tuple(inputs.image_keys), params, sink)
+
+    def picture_tokens(self, merge_size: int) -> list[int]:
+        """Visual tokens per picture after the vision tower merges merge_size x merge_size patches."""
+        return [int(t) // merge_size ** 2 for t in self.grid_thw.reshape(-1, 3).prod(-1).tolist()]
+
     def image_tokens(self, merge_size: int) -> int:
-        """Visual tokens after the vision tower merges merge_size x merge_size patches into one."""
-        return int(self.grid_thw.prod()) // merge_size ** 2
+        return sum(self.picture_tokens(merge_size))
 
 
 class Observer:

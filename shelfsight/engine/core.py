@@ -43,6 +43,30 @@ def make_runner(model, config: EngineConfig):
     raise InvalidArgument(f"unknown engine runner {config.runner!r}; choose one of {', '.join(RUNNERS)}")
 
 
+def check_inputs(req, merge_size: int) -> None:
+    """A request's tensors agree with each other (a direct caller of `generate` or `embed` may send
+    anything): the grids, the patches, and the prompt's runs of <|image_pad|>, one run per picture of
+    exactly its visual tokens, in order (M-RoPE gives each run one picture's positions)."""
+    ids, grid = req.input_ids, req.grid_thw
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise InvalidArgument("input_ids must be a non-empty 1-D sequence")
+    if grid.ndim != 2 or grid.shape[-1] != 3 or (grid.shape[0] and bool((grid[:, 0] != 1).any())):
+        raise InvalidArgument(f"image_grid_thw must be (1, h, w) per picture, got {grid.tolist()}")
+    if len(req.image_keys) != grid.shape[0]:
+        raise InvalidArgument(f"{len(req.image_keys)} image keys for {grid.shape[0]} pictures")
+    if grid.shape[0] and bool(((grid[:, 1:] % merge_size) != 0).any()):
+        raise InvalidArgument(f"image_grid_thw {grid.tolist()} is not a multiple of the model's merge size {merge_size}")
+    if req.pixel_values.ndim != 2 or req.pixel_values.shape[0] != int(grid.prod(-1).sum()):
+        raise InvalidArgument(f"pixel_values has {req.pixel_values.shape[0]} patches, the grids say "
+                              f"{int(grid.prod(-1).sum())}")
+    pads = (ids == qwen.IMAGE_PAD_ID).int()
+    edges = torch.diff(pads, prepend=pads.new_zeros(1), append=pads.new_zeros(1))
+    runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
+    need = req.picture_tokens(merge_size)
+    if runs != need:
+        raise InvalidArgument(f"prompt has image-token runs {runs}, the pictures need {need}")
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), observer: Observer | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -99,25 +123,10 @@ class Engine:
             return self.scheduler.running, len(self.scheduler.waiting)
 
     def _validate(self, req: Request) -> None:
-        ids = req.input_ids
-        if ids.ndim != 1 or ids.numel() == 0:
-            raise InvalidArgument("input_ids must be a non-empty 1-D sequence")
-        pads = int((ids == qwen.IMAGE_PAD_ID).sum())
-        if req.grid_thw.numel() != 3 or int(req.grid_thw[0]) != 1:
-            raise InvalidArgument(f"image_grid_thw must be (1, h, w), got {req.grid_thw.tolist()}")
-        _, h, w = (int(v) for v in req.grid_thw)
-        if h % self.merge_size or w % self.merge_size:
-            raise InvalidArgument(f"image_grid_thw {req.grid_thw.tolist()} is not a multiple of the model's "
-                                  f"merge size {self.merge_size}")
-        if req.pixel_values.shape[0] != int(req.grid_thw.prod()):
-            raise InvalidArgument(f"pixel_values has {req.pixel_values.shape[0]} patches, grid says "
-                                  f"{int(req.grid_thw.prod())}")
-        need = req.image_tokens(self.merge_size)
-        if pads != need:
-            raise InvalidArgument(f"prompt has {pads} image tokens, the image needs {need}")
-        total = ids.numel() + req.params.max_new_tokens
+        check_inputs(req, self.merge_size)
+        total = req.input_ids.numel() + req.params.max_new_tokens
         if total > self.config.max_model_len:
-            raise InvalidArgument(f"prompt ({ids.numel()} tokens) + max_new_tokens "
+            raise InvalidArgument(f"prompt ({req.input_ids.numel()} tokens) + max_new_tokens "
                                   f"({req.params.max_new_tokens}) exceeds the model length {self.config.max_model_len}")
 
     # ---- engine thread ----

@@ -1,6 +1,8 @@
-"""Prefill, shared by both runners: eager transformers for the vision tower (or the vision-feature
-cache), the M-RoPE indices and deepstack features, and one forward over the prompts of several new
-requests at once, left-padded, into a transformers DynamicCache ([k, kv_heads, L, head_dim] per layer).
+"""Prefill, shared by both runners and by the embedding and reranking models: eager transformers for
+the vision tower (or the vision-feature cache, per picture), the M-RoPE indices over every picture of a
+prompt and the deepstack features, and one forward over the prompts of several new requests at once,
+left-padded, into a transformers DynamicCache ([k, kv_heads, L, head_dim] per layer) - or, for
+`encode`, without a cache, keeping only the last token's final hidden state.
 """
 from __future__ import annotations
 
@@ -47,39 +49,57 @@ class Prefilled:
     logits: torch.Tensor  # [k, V] float32, last prompt position
 
 
-def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list:
-    """Per-request (embeds [n, H], deepstack list of [n, H]) from the cache or one vision pass."""
+Feature = tuple  # (embeds [n_tokens, H], deepstack: list of [n_tokens, H]) of one picture
+
+
+def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list[list[Feature]]:
+    """Per request, each picture's features, from the cache or one vision pass over every picture
+    of the group that is not cached (a picture that appears twice is computed once)."""
     device = model.device
-    found = [cache.get(r.image_key) if cache.max_bytes else None for r in reqs]
-    if cache.max_bytes:  # with the cache off there is nothing to count
-        for f in found:
-            observer.vision_cache(f is not None)
-    # rows whose picture an earlier row of this group already brings (another question about the same
-    # photo, the common case) share its features instead of running the vision tower again
-    first = {}
-    for i, f in enumerate(found):
-        if f is None:
-            first.setdefault(reqs[i].image_key or f"row {i}", i)
-    todo = sorted(first.values())
+    pictures = []  # (request index, picture index, key, patches [n, D], grid [3])
+    for i, r in enumerate(reqs):
+        grids = r.grid_thw.reshape(-1, 3)
+        bounds = [0] + grids.prod(-1).cumsum(0).tolist()
+        for j, key in enumerate(r.image_keys):
+            pictures.append((i, j, key or f"row {i} picture {j}", r.pixel_values[bounds[j]:bounds[j + 1]], grids[j]))
+    found: dict[str, Feature] = {}
+    if cache.max_bytes:
+        for _, _, key, _, _ in pictures:
+            if key not in found:
+                hit = cache.get(key)
+                observer.vision_cache(hit is not None)
+                if hit is not None:
+                    found[key] = hit
+    todo = list({key: (pv, grid) for _, _, key, pv, grid in pictures if key not in found}.items())
     if todo:
-        pv = torch.cat([reqs[i].pixel_values for i in todo]).to(device)
-        grid = torch.stack([reqs[i].grid_thw for i in todo]).to(device)
+        pv = torch.cat([t[1][0] for t in todo]).to(device)
+        grid = torch.stack([t[1][1] for t in todo]).to(device)
         out = model.model.get_image_features(pv, grid, return_dict=True)
-        for j, i in enumerate(todo):
-            embeds = out.pooler_output[j]
-            deep = [layer[j] for layer in out.deepstack_features]
-            found[i] = (embeds, deep)
+        for n, (key, _) in enumerate(todo):
+            embeds = out.pooler_output[n]
+            deep = [layer[n] for layer in out.deepstack_features]
+            found[key] = (embeds, deep)
             if cache.max_bytes:
-                cache.put(reqs[i].image_key, embeds, deep)
-        for i, f in enumerate(found):
-            if f is None:
-                found[i] = found[first[reqs[i].image_key]]
-    return found
+                cache.put(key, embeds, deep)
+    feats: list[list[Feature]] = [[] for _ in reqs]
+    for i, _, key, _, _ in pictures:
+        feats[i].append(found[key])
+    return feats
 
 
-def prefill(model, reqs: list[Request], feats: list) -> Prefilled:
-    """One forward over the k prompts (left-padded), as transformers' generate() runs it."""
-    from transformers import DynamicCache
+@dataclass
+class Packed:
+    """The k prompts of a group as one left-padded batch, with everything transformers' forward needs."""
+    ids: torch.Tensor  # [k, L] int64
+    mask: torch.Tensor  # [k, L] 1 = real token
+    position_ids: torch.Tensor  # [4, k, L]: text positions, then M-RoPE t/h/w
+    deltas: list[int]  # M-RoPE offset per row
+    extra: dict  # the pictures' encoder outputs, grids and token types (empty without pictures)
+    lengths: list[int]
+
+
+def pack(model, reqs: list[Request], feats: list[list[Feature]]) -> Packed:
+    """Left-pad the prompts and compute their positions, as transformers' generate() does."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     dev, k = model.device, len(reqs)
@@ -92,16 +112,35 @@ def prefill(model, reqs: list[Request], feats: list) -> Prefilled:
         mask[i, L - lengths[i]:] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     mm_types = (ids == qwen.IMAGE_PAD_ID).long()
-    grid = torch.stack([r.grid_thw for r in reqs]).to(dev)
-    encoder = BaseModelOutputWithDeepstackFeatures(
-        pooler_output=tuple(f[0] for f in feats),
-        deepstack_features=[tuple(f[1][layer] for f in feats) for layer in range(len(feats[0][1]))])
+    every = [f for row in feats for f in row]  # every picture of the group, in prompt order
+    grid = torch.cat([r.grid_thw.reshape(-1, 3) for r in reqs]).to(dev) if every else None
     vision_pos, deltas = model.model.get_rope_index(ids, mm_types, image_grid_thw=grid, attention_mask=mask)
     text_pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() fills padding
-    position_ids = torch.cat([text_pos[None], vision_pos], dim=0)  # [4, k, L]
+    extra = {}
+    if every:
+        encoder = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(f[0] for f in every),
+            deepstack_features=[tuple(f[1][layer] for f in every) for layer in range(len(every[0][1]))])
+        extra = dict(mm_encoder_outputs={"image": encoder}, image_grid_thw=grid, mm_token_type_ids=mm_types)
+    return Packed(ids, mask, torch.cat([text_pos[None], vision_pos], dim=0), [int(d) for d in deltas.view(-1).tolist()],
+                  extra, lengths)
+
+
+def prefill(model, reqs: list[Request], feats: list[list[Feature]]) -> Prefilled:
+    """One forward over the k prompts (left-padded), as transformers' generate() runs it."""
+    from transformers import DynamicCache
+
+    p = pack(model, reqs, feats)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                mm_encoder_outputs={"image": encoder}, image_grid_thw=grid, mm_token_type_ids=mm_types,
-                use_cache=True, logits_to_keep=1)
-    return Prefilled(out.cache, mask, lengths, [int(d) for d in deltas.view(-1).tolist()],
-                     out.logits[:, -1].float())
+    out = model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.position_ids, cache=cache,
+                use_cache=True, logits_to_keep=1, **p.extra)
+    return Prefilled(out.cache, p.mask, p.lengths, p.deltas, out.logits[:, -1].float())
+
+
+def encode(model, reqs: list[Request], feats: list[list[Feature]]) -> torch.Tensor:
+    """One forward over the k prompts without a cache or logits -> the final hidden state (after the
+    decoder's last norm) at each prompt's last token, [k, H] float32: the embedding and reranking
+    models' pooling ("last"). Left padding puts every prompt's last token at the last position."""
+    p = pack(model, reqs, feats)
+    out = model.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.position_ids, use_cache=False, **p.extra)
+    return out.last_hidden_state[:, -1].float()

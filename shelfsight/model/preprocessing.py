@@ -1,4 +1,4 @@
-"""Image bytes + question -> the model's inputs, identical to what transformers' Qwen3-VL processor
+"""Pictures + a conversation -> the model's inputs, identical to what transformers' Qwen3-VL processor
 gives for the same picture and question (tests/test_preprocessing.py checks token and pixel equality).
 
 Same torch/torchvision operations as the processor, in a cheaper order, because preprocessing is the
@@ -9,7 +9,7 @@ usual bottleneck of VLM serving (shared/notes/anchors.md):
     channel axis stays third from last, so `normalize` broadcasts exactly as it does for the image;
   - render the prompt with a single <|image_pad|> and widen it in token space rather than tokenizing
     a string holding hundreds of pad tokens.
-Shapes: pixel_values [grid_h * grid_w, 3 * 2 * 16 * 16] float32; input_ids [L] int64.
+Shapes: pixel_values [sum over pictures of grid_h * grid_w, 3 * 2 * 16 * 16] float32; input_ids [L] int64.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as tvF
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from shelfsight import params
+from shelfsight.conversation import Conversation
 from shelfsight.errors import FailedPrecondition, InvalidArgument
 from shelfsight.model import checkpoint, imaging, qwen
 
@@ -50,15 +51,16 @@ class PixelPolicy:
 
 @dataclass
 class ModelInputs:
-    input_ids: np.ndarray  # [L] int64, image pads widened
-    pixel_values: np.ndarray  # [grid_h * grid_w, C * T * P * P] float32
-    image_grid_thw: np.ndarray  # [3] int64: (1, grid_h, grid_w)
-    image_key: str  # identifies the picture's patches: same key -> same pixel_values
+    input_ids: np.ndarray  # [L] int64, each picture's pad widened to its visual tokens
+    pixel_values: np.ndarray  # [P, C * T * P * P] float32: every picture's patches in order (0 rows: none)
+    image_grid_thw: np.ndarray  # [n, 3] int64: (1, grid_h, grid_w) per picture
+    image_keys: list[str]  # per picture: same key -> same patches
     merge_size: int = qwen.MERGE_SIZE  # patches per side merged into one visual token
 
     @property
     def image_tokens(self) -> int:
-        return int(self.image_grid_thw.prod()) // (self.merge_size ** 2)
+        """Visual tokens of all pictures together."""
+        return int(self.image_grid_thw.prod(axis=-1).sum()) // (self.merge_size ** 2)
 
 
 class Patchifier:
@@ -69,6 +71,10 @@ class Patchifier:
         # The processor folds its 1/255 rescale into mean and std: (x - 127.5) / 127.5 in float32.
         self._mean = torch.tensor(policy.image_mean) * 255.0
         self._std = torch.tensor(policy.image_std) * 255.0
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.policy.temporal_patch_size * self.policy.patch_size ** 2
 
     def __call__(self, rgb) -> tuple[torch.Tensor, tuple[int, int, int]]:
         pol = self.policy
@@ -95,30 +101,47 @@ class Patchifier:
 
 
 class PromptBuilder:
-    """Question (+ system prompt) -> input_ids, rendered with the checkpoint's own chat template."""
+    """Chat messages -> input_ids, rendered with the checkpoint's own chat template, each picture's
+    single <|image_pad|> widened to that picture's visual tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, question: str, system: str | None, image_tokens: int) -> np.ndarray:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    def __call__(self, messages: list[dict], image_tokens: list[int]) -> np.ndarray:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         pads = np.flatnonzero(ids == qwen.IMAGE_PAD_ID)
-        if len(pads) != 1:  # the template must place exactly one picture
-            raise InvalidArgument(f"prompt holds {len(pads)} image placeholders, expected 1")
-        at = int(pads[0])
-        return np.concatenate([ids[:at], np.full(image_tokens, qwen.IMAGE_PAD_ID, np.int64), ids[at + 1:]])
+        if len(pads) != len(image_tokens):  # the template must place exactly one pad per picture
+            raise InvalidArgument(f"prompt holds {len(pads)} image placeholders for {len(image_tokens)} pictures")
+        pieces, at = [], 0
+        for pad, n in zip(pads, image_tokens):
+            pieces += [ids[at:pad], np.full(n, qwen.IMAGE_PAD_ID, np.int64)]
+            at = int(pad) + 1
+        pieces.append(ids[at:])
+        return np.concatenate(pieces)
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """Pictures as the model takes them: patches of all of them, their grids, their keys."""
+    pixel_values: np.ndarray  # [P, D] float32
+    grids: np.ndarray  # [n, 3] int64
+    keys: list[str]
+    tokens: list[int]  # visual tokens per picture
 
 
 class Preprocessor:
-    """The whole preprocess step: validation, decoding, patches and prompt for one request."""
+    """The preprocess step: validation, decoding, patches and prompt for one request.
+
+    `__call__` is the classic request (one picture, one question, an optional system prompt);
+    `converse` takes a Conversation and its pictures; `render` takes chat messages already built
+    (the embedding and reranking formats, shelfsight/model/retrieval.py)."""
 
     def __init__(self, tokenizer, policy: PixelPolicy, image_limits: imaging.ImageLimits,
                  text_limits: params.Limits):
         self.patchify = Patchifier(policy)
         self.prompt = PromptBuilder(tokenizer)
+        self.tokenizer = tokenizer
         self.image_limits = image_limits
         self.text_limits = text_limits
 
@@ -127,15 +150,40 @@ class Preprocessor:
         params.check_text("question", question, self.text_limits.max_question_chars, required=True)
         if system:
             params.check_text("system", system, self.text_limits.max_system_chars, required=False)
-        rgb = imaging.decode(image, self.image_limits, enhance=enhance)
-        pixel_values, grid = self.patchify(rgb)
+        return self.render(Conversation.ask(question, system).messages(), [image], enhance)
+
+    def converse(self, pictures: list[bytes], conversation: Conversation, enhance: bool = False) -> ModelInputs:
+        conversation.check(self.text_limits)
+        if conversation.pictures != len(pictures):
+            raise InvalidArgument(f"messages place {conversation.pictures} pictures; {len(pictures)} were sent")
+        return self.render(conversation.messages(), pictures, enhance)
+
+    def pictures(self, images: list[bytes], enhance: bool = False) -> Pictures:
+        """Decode and patchify each picture (an error names which one when there are several)."""
+        values, grids, keys, tokens = [], [], [], []
         merge = self.patchify.policy.merge_size
-        input_ids = self.prompt(question, system, grid[0] * grid[1] * grid[2] // merge ** 2)
-        key = hashlib.blake2b(image, digest_size=16, person=b"enh" if enhance else b"raw")
-        key.update(repr(self.patchify.policy).encode())
-        return ModelInputs(input_ids=input_ids, pixel_values=pixel_values.numpy(),
-                           image_grid_thw=np.asarray(grid, dtype=np.int64), image_key=key.hexdigest(),
-                           merge_size=merge)
+        for i, image in enumerate(images):
+            try:
+                rgb = imaging.decode(image, self.image_limits, enhance=enhance)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"picture {i + 1} of {len(images)}: {e.message}" if len(images) > 1
+                                      else e.message) from None
+            pv, grid = self.patchify(rgb)
+            values.append(pv)
+            grids.append(grid)
+            tokens.append(grid[0] * grid[1] * grid[2] // merge ** 2)
+            key = hashlib.blake2b(image, digest_size=16, person=b"enh" if enhance else b"raw")
+            key.update(repr(self.patchify.policy).encode())
+            keys.append(key.hexdigest())
+        dim = self.patchify.patch_dim
+        pixel_values = torch.cat(values).numpy() if values else np.zeros((0, dim), np.float32)
+        return Pictures(pixel_values, np.asarray(grids, dtype=np.int64).reshape(-1, 3), keys, tokens)
+
+    def render(self, messages: list[dict], images: list[bytes], enhance: bool = False) -> ModelInputs:
+        pics = self.pictures(images, enhance)
+        return ModelInputs(input_ids=self.prompt(messages, pics.tokens), pixel_values=pics.pixel_values,
+                           image_grid_thw=pics.grids, image_keys=pics.keys,
+                           merge_size=self.patchify.policy.merge_size)
 
 
 def load_preprocessor(checkpoint_dir, min_pixels: int, max_pixels: int,

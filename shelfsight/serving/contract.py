@@ -12,8 +12,12 @@ from shelfsight import params
 UNARY, STREAM = "pipeline", "pipeline_stream"
 ANSWERS_FROM = {UNARY: "collect", STREAM: "generate"}  # the ensemble's second step
 
-# Public inputs. Each generation parameter is an optional input named FIELD.upper() (params.RULES).
+# Public inputs, two forms. The classic one: IMAGE (one encoded file) + QUESTION [+ SYSTEM]. A
+# conversation: MESSAGES (shelfsight/conversation.py's JSON: turns of texts and picture places) with its
+# pictures as IMAGES (every encoded file, concatenated in order) + IMAGE_SIZES (each file's length).
+# Each generation parameter is an optional input named FIELD.upper() (params.RULES).
 IMAGE, QUESTION, SYSTEM, ENHANCE = "IMAGE", "QUESTION", "SYSTEM", "ENHANCE"
+MESSAGES, IMAGES, IMAGE_SIZES = "MESSAGES", "IMAGES", "IMAGE_SIZES"
 # request field -> (input name, Triton data type), the optional inputs in contract order
 OPTIONAL: dict[str, tuple[str, str]] = {
     **{field: (field.upper(), rule.triton_type) for field, rule in params.RULES.items()},
@@ -27,7 +31,9 @@ TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON = "TEXT", "PROMPT_TOKENS",
 OUTPUTS = (TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON)
 
 # preprocess -> generate (and collect): model inputs, then the resolved GenerationParams as one JSON
-# string (GenerationParams.to_json), so adding a parameter touches no config.
+# string (GenerationParams.to_json), so adding a parameter touches no config. Per request:
+# input_ids [L], pixel_values [P, D] (every picture's patches; 0 rows without pictures),
+# image_grid_thw [n, 3], image_key [n] (one per picture).
 INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY = "input_ids", "pixel_values", "image_grid_thw", "image_key"
 MODEL_INPUTS = (INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY)
 PARAMS = "params"

@@ -1,7 +1,8 @@
 """Client side of the Triton `pipeline` / `pipeline_stream` contract (names in shelfsight/serving/contract.py).
 
     inputs   IMAGE UINT8 [-1], QUESTION BYTES [1]; optional SYSTEM BYTES, one input per generation
-             parameter (MAX_NEW_TOKENS INT32, TEMPERATURE FP32, ...: params.RULES), ENHANCE BOOL
+             parameter (MAX_NEW_TOKENS INT32, TEMPERATURE FP32, ...: params.RULES), ENHANCE BOOL;
+             or, for several pictures and turns, MESSAGES BYTES [1] + IMAGES UINT8 [-1] + IMAGE_SIZES INT64 [-1]
     outputs  TEXT BYTES, PROMPT_TOKENS INT32, COMPLETION_TOKENS INT32, FINISH_REASON BYTES ("stop"|"length")
 
 Used by the gateway's upstream, the benchmarks and the tests. Errors come back typed: the status name
@@ -14,7 +15,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import grpc
 import numpy as np
@@ -23,6 +24,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from shelfsight import errors
+from shelfsight.conversation import Conversation
 from shelfsight.serving import contract
 from shelfsight.serving.contract import OUTPUTS, STREAM, UNARY
 
@@ -48,24 +50,45 @@ class Delta:
     finish_reason: str  # "" until the last delta
 
 
-def build_inputs(image: bytes, question: str, system: str | None = None, **params) -> list:
-    def tensor(name, dtype, value):
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        return t
+def _tensor(name: str, dtype: str, value: np.ndarray):
+    t = grpcclient.InferInput(name, list(value.shape), dtype)
+    t.set_data_from_numpy(value)
+    return t
 
-    inputs = [tensor(contract.IMAGE, "UINT8", np.frombuffer(image, dtype=np.uint8)[None]),
-              tensor(contract.QUESTION, "BYTES", np.array([[question.encode("utf-8")]], dtype=object))]
-    if system:
-        inputs.append(tensor(contract.SYSTEM, "BYTES", np.array([[system.encode("utf-8")]], dtype=object)))
+
+def _text(name: str, value: str):
+    return _tensor(name, "BYTES", np.array([[value.encode("utf-8")]], dtype=object))
+
+
+def build_inputs(pictures: Sequence[bytes], conversation: Conversation, **params) -> list:
+    """The contract's inputs for a conversation and its pictures: the classic form (IMAGE + QUESTION
+    [+ SYSTEM]) when it is one picture and one question, else MESSAGES + IMAGES + IMAGE_SIZES."""
+    classic = conversation.classic()
+    if classic is not None and len(pictures) == 1:
+        question, system = classic
+        inputs = [_tensor(contract.IMAGE, "UINT8", np.frombuffer(pictures[0], dtype=np.uint8)[None]),
+                  _text(contract.QUESTION, question)]
+        if system:
+            inputs.append(_text(contract.SYSTEM, system))
+    else:
+        inputs = [_text(contract.MESSAGES, conversation.to_json().decode())]
+        if pictures:
+            data, sizes = pack_pictures(pictures)
+            inputs += [_tensor(contract.IMAGES, "UINT8", data[None]), _tensor(contract.IMAGE_SIZES, "INT64", sizes[None])]
     for field, value in params.items():
         if value is None:
             continue
         if field not in contract.OPTIONAL:
             raise errors.InvalidArgument(f"unknown generation parameter {field!r}")
         name, dtype = contract.OPTIONAL[field]
-        inputs.append(tensor(name, dtype, np.array([[value]], dtype=NUMPY_TYPE[dtype])))
+        inputs.append(_tensor(name, dtype, np.array([[value]], dtype=NUMPY_TYPE[dtype])))
     return inputs
+
+
+def pack_pictures(pictures: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded pictures -> (their bytes concatenated [N] uint8, each one's length [n] int64)."""
+    data = np.frombuffer(b"".join(pictures), dtype=np.uint8)
+    return data, np.array([len(p) for p in pictures], dtype=np.int64)
 
 
 def _outputs(result) -> tuple[str, int, int, str]:
@@ -144,19 +167,26 @@ class PipelineClient:
                                             "lay the repository out with `shelfsight export repository`")
         return json.loads(raw)
 
-    async def infer(self, image: bytes, question: str, system: str | None = None, *,
-                    timeout: float | None = None, request_id: str = "", **params) -> Answer:
+    async def infer(self, image: bytes, question: str, system: str | None = None, **kw) -> Answer:
+        """One picture, one question: the classic request."""
+        return await self.converse([image], Conversation.ask(question, system), **kw)
+
+    def stream(self, image: bytes, question: str, system: str | None = None, **kw) -> AsyncIterator[Delta]:
+        return self.converse_stream([image], Conversation.ask(question, system), **kw)
+
+    async def converse(self, pictures: Sequence[bytes], conversation: Conversation, *,
+                       timeout: float | None = None, request_id: str = "", **params) -> Answer:
         try:
-            result = await self._client.infer(UNARY, build_inputs(image, question, system, **params),
+            result = await self._client.infer(UNARY, build_inputs(pictures, conversation, **params),
                                               outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS],
                                               request_id=request_id, client_timeout=timeout)
         except Exception as e:
             raise to_error(e) from None
         return Answer(*_outputs(result))
 
-    async def stream(self, image: bytes, question: str, system: str | None = None, *,
-                     timeout: float | None = None, request_id: str = "", **params) -> AsyncIterator[Delta]:
-        inputs = build_inputs(image, question, system, **params)
+    async def converse_stream(self, pictures: Sequence[bytes], conversation: Conversation, *,
+                              timeout: float | None = None, request_id: str = "", **params) -> AsyncIterator[Delta]:
+        inputs = build_inputs(pictures, conversation, **params)
 
         async def requests():
             yield {"model_name": STREAM, "inputs": inputs, "request_id": request_id}

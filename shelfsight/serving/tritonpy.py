@@ -56,6 +56,21 @@ def text(request, name: str, required: bool = False) -> str | None:
         raise InvalidArgument(f"{name} is not valid UTF-8") from None
 
 
+def pictures(request, data_name: str, sizes_name: str) -> list[bytes]:
+    """The encoded pictures of a request: their bytes concatenated in `data_name`, each one's length in
+    `sizes_name` (both absent: none)."""
+    data, sizes = array(request, data_name), array(request, sizes_name)
+    if data is None and sizes is None:
+        return []
+    if data is None or sizes is None:
+        raise InvalidArgument(f"{data_name} and {sizes_name} go together")
+    data, sizes = data.reshape(-1), sizes.reshape(-1)
+    if (sizes < 0).any() or int(sizes.sum()) != data.size:
+        raise InvalidArgument(f"{sizes_name} {sizes.tolist()[:8]} do not add up to the {data.size} bytes of {data_name}")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [data[bounds[i]:bounds[i + 1]].tobytes() for i in range(sizes.size)]
+
+
 def tensor(name: str, value: np.ndarray) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, value)
 

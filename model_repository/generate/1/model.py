@@ -122,13 +122,15 @@ class TritonPythonModel:
         ids, pixels, grid = (array(request, n) for n in (contract.INPUT_IDS, contract.PIXEL_VALUES, contract.IMAGE_GRID_THW))
         if ids is None or pixels is None or grid is None:
             raise InvalidArgument(f"{contract.INPUT_IDS}, {contract.PIXEL_VALUES} and {contract.IMAGE_GRID_THW} are required")
-        key = scalar(request, contract.IMAGE_KEY, lambda v: v.decode() if isinstance(v, bytes) else str(v))
+        keys = array(request, contract.IMAGE_KEY)
+        keys = [] if keys is None else [k.decode() if isinstance(k, bytes) else str(k) for k in keys.reshape(-1)]
+        grid = torch.tensor(grid.reshape(-1, 3), dtype=torch.int64)
         # Copies, not views: execute() returns before the engine reads these, and the input tensors
         # live in Triton's shared memory, which is reused for other requests once the call returns.
         return Request(input_ids=torch.tensor(ids.reshape(-1), dtype=torch.int64),
                        pixel_values=torch.tensor(pixels.reshape(-1, pixels.shape[-1])),
-                       grid_thw=torch.tensor(grid.reshape(-1), dtype=torch.int64),
-                       image_key=key or "", params=params, sink=Sink(request.get_response_sender()))
+                       grid_thw=grid, image_keys=tuple(keys) if keys else ("",) * grid.shape[0],
+                       params=params, sink=Sink(request.get_response_sender()))
 
     def execute(self, requests):
         for request in requests:

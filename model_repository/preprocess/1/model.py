@@ -1,4 +1,5 @@
-"""Triton adapter: image bytes + question (+ optional parameters) -> model inputs.
+"""Triton adapter: image bytes + question, or a conversation and its pictures (+ optional parameters)
+-> model inputs.
 
 The work is shelfsight.model.preprocessing.Preprocessor; this file only moves tensors. Requests of one
 batch are processed on a small thread pool (Pillow and torch release the GIL while decoding and
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 
 from shelfsight import params
+from shelfsight.conversation import Conversation
 from shelfsight.errors import InvalidArgument
 from shelfsight.model.preprocessing import load_preprocessor
 from shelfsight.serving import contract, manifest as manifest_mod
-from shelfsight.serving.tritonpy import array, error_response, model_dir_repo, scalar, tensor, text
+from shelfsight.serving.tritonpy import array, error_response, model_dir_repo, pictures, scalar, tensor, text
 
 import triton_python_backend_utils as pb_utils
 
@@ -26,22 +28,41 @@ class TritonPythonModel:
         self.pre = load_preprocessor(m.checkpoint, m.pixels.min_pixels, m.pixels.max_pixels, m.image_limits, m.limits)
         self.pool = ThreadPoolExecutor(max_workers=max(1, m.preprocess_threads), thread_name_prefix="preprocess")
 
+    def _inputs(self, request, enhance: bool):
+        """Either form of the contract (shelfsight/serving/contract.py), never both."""
+        messages = text(request, contract.MESSAGES)
+        image = array(request, contract.IMAGE)
+        if messages is None:
+            if image is None:
+                raise InvalidArgument(f"{contract.IMAGE} and {contract.QUESTION}, or {contract.MESSAGES}, are required")
+            return self.pre(image.reshape(-1).tobytes(), text(request, contract.QUESTION, required=True),
+                            text(request, contract.SYSTEM), enhance)
+        for name in (contract.IMAGE, contract.QUESTION, contract.SYSTEM):
+            if array(request, name) is not None:
+                raise InvalidArgument(f"{contract.MESSAGES} carries the whole conversation: send {name} "
+                                      f"{'as a system turn' if name == contract.SYSTEM else 'in it'}, not beside it")
+        return self.pre.converse(pictures(request, contract.IMAGES, contract.IMAGE_SIZES),
+                                 Conversation.from_json(messages), enhance)
+
     def _one(self, request):
         try:
-            image = array(request, contract.IMAGE)
-            if image is None:
-                raise InvalidArgument(f"{contract.IMAGE} is missing")
             gen = params.resolve(self.manifest.generation, self.manifest.limits,
                                  **{field: scalar(request, contract.OPTIONAL[field][0], rule.cast)
                                     for field, rule in params.RULES.items()})
             enhance = bool(scalar(request, contract.ENHANCE, bool) or False)
-            inputs = self.pre(image.reshape(-1).tobytes(), text(request, contract.QUESTION, required=True),
-                              text(request, contract.SYSTEM), enhance)
+            inputs = self._inputs(request, enhance)
+            budget = self.manifest.engine.max_model_len
+            if len(inputs.input_ids) + gen.max_new_tokens > budget:  # the engine checks too; this names why
+                raise InvalidArgument(
+                    f"the prompt is {len(inputs.input_ids)} tokens ({inputs.image_tokens} of them for "
+                    f"{len(inputs.image_keys)} picture(s)) + max_new_tokens {gen.max_new_tokens}; the model "
+                    f"length is {budget}: send fewer or smaller pictures, or less text")
             return pb_utils.InferenceResponse([
                 tensor(contract.INPUT_IDS, inputs.input_ids[None]),
                 tensor(contract.PIXEL_VALUES, inputs.pixel_values[None]),
                 tensor(contract.IMAGE_GRID_THW, inputs.image_grid_thw[None]),
-                tensor(contract.IMAGE_KEY, np.array([[inputs.image_key.encode()]], dtype=object)),
+                tensor(contract.IMAGE_KEY, np.array([[k.encode() for k in inputs.image_keys]], dtype=object)
+                       .reshape(1, len(inputs.image_keys))),
                 tensor(contract.PARAMS, np.array([[gen.to_json()]], dtype=object)),
             ])
         except Exception as e:  # typed errors keep their code; anything else becomes INTERNAL
