@@ -82,7 +82,7 @@ def main() -> int:
     t0 = time.perf_counter()
     triton = TritonServer(TritonSettings(repo=repo)).start()
     print(f"   tritonserver ready in {time.perf_counter() - t0:.1f}s on {triton.grpc_url} "
-          f"(model {served.model_id}, {served.scheme}, {served.device})")
+          f"(model {served.generator.model_id}, {served.generator.scheme}, {served.device})")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

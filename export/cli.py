@@ -16,6 +16,8 @@ def register(sub) -> None:
     tiny.add_argument("--shape", choices=("tiny", "2b"), default="tiny",
                       help="tiny (~20 M parameters) or the exact Qwen3-VL-2B shape (for GPU benchmarks)")
     tiny.add_argument("--device", default="cpu", help="where to initialise the weights (cuda for 2b)")
+    tiny.add_argument("--kind", choices=("generator", "embedding", "reranker"), default="generator",
+                      help="which Qwen3-VL format: the instruct generator, Qwen3-VL-Embedding or Qwen3-VL-Reranker")
     tiny.add_argument("--force", action="store_true", help="replace a non-empty --out")
     tiny.set_defaults(func=cmd_tiny)
 
@@ -33,7 +35,7 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_quantize)
 
     r = esub.add_parser("repository", help="lay out the Triton model repository for a checkpoint")
-    r.add_argument("--model", required=True, type=Path, help="a Qwen3-VL checkpoint (bf16, int8 or int4)")
+    r.add_argument("--model", type=Path, help="the generator: a Qwen3-VL checkpoint (bf16, int8 or int4)")
     r.add_argument("--out", required=True, type=Path)
     add_repository_flags(r)
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -56,12 +58,17 @@ def add_repository_flags(p) -> None:
                    help="resize pictures to at most this many pixels (1,024 visual tokens by default)")
     p.add_argument("--min-pixels", type=int, default=job.min_pixels)
     p.add_argument("--max-new-tokens", type=int, default=job.max_new_tokens, help="default answer length")
+    p.add_argument("--embedding", type=Path, help="a Qwen3-VL-Embedding checkpoint: serve `embed` (catalog search)")
+    p.add_argument("--reranker", type=Path, help="a Qwen3-VL-Reranker checkpoint: serve `rerank`")
+    p.add_argument("--dimensions", type=int, default=job.dimensions,
+                   help="the embedding's Matryoshka size (0: the model's full width)")
 
 
 def repository_job(args, model: Path, out: Path, force: bool = False):
     from shelfsight.export.repository import RepositoryJob
 
-    return RepositoryJob(model=model, out=out, device=args.device, preprocess_instances=args.preprocess_instances,
+    return RepositoryJob(model=model, out=out, embedding=args.embedding, reranker=args.reranker,
+                         dimensions=args.dimensions, device=args.device, preprocess_instances=args.preprocess_instances,
                          collect_instances=args.collect_instances, max_batch=args.max_batch,
                          min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                          max_new_tokens=args.max_new_tokens, force=force)
@@ -72,8 +79,8 @@ def cmd_tiny(args) -> int:
     from shelfsight.export.staging import Staging
 
     with Staging(args.out, args.force) as staging:
-        tiny.build(staging.path, shape=args.shape, seed=args.seed, device=args.device)
-    print(f"wrote a random {args.shape} Qwen3-VL checkpoint (seed {args.seed}) to {args.out}")
+        tiny.build(staging.path, shape=args.shape, seed=args.seed, device=args.device, kind=args.kind)
+    print(f"wrote a random {args.shape} Qwen3-VL {args.kind} checkpoint (seed {args.seed}) to {args.out}")
     return 0
 
 
@@ -97,6 +104,8 @@ def cmd_quantize(args) -> int:
 def cmd_repository(args) -> int:
     from shelfsight.export.repository import build
 
-    served = build(repository_job(args, args.model, args.out, args.force))
-    print(f"wrote {args.out}: {served.model_id} ({served.scheme}) on {served.device}, {served.dtype}")
+    m = build(repository_job(args, args.model, args.out, args.force))
+    names = [f"{kind} {s.model_id} ({s.scheme})" for kind in ("generator", "embedding", "reranker")
+             if (s := getattr(m, kind)) is not None]
+    print(f"wrote {args.out}: {', '.join(names)} on {m.device}, {m.dtype}")
     return 0

@@ -1,8 +1,10 @@
-"""`shelfsight export repository`: lay out a Triton model repository for one checkpoint.
+"""`shelfsight export repository`: lay out a Triton model repository for the checkpoints served.
 
-Copies the templates in model_repository/ (thin model.py adapters + config.pbtxt with ${...}
-placeholders), fills the configs, and writes shelfsight.json: the serving manifest every model reads
-at start-up (checkpoint, scheme, device, generation defaults, pixel limits, engine sizes).
+A generator (the pipeline ensembles: preprocess, generate, collect), an embedding model (`embed`) and a
+reranker (`rerank`), each optional, at least one. Copies the templates in model_repository/ (thin
+model.py adapters + config.pbtxt with ${...} placeholders), fills the configs, and writes
+shelfsight.json: the serving manifest every model reads at start-up (checkpoints, device, generation
+defaults, pixel limits, engine and encoder sizes).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from string import Template
 
 from shelfsight import params
-from shelfsight.engine import EngineConfig, preset
+from shelfsight.engine import EncoderConfig, EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
 from shelfsight.model import checkpoint, imaging, qwen
@@ -27,8 +29,11 @@ ENSEMBLE_TEMPLATE = "pipeline"  # rendered once per public contract (contract.AN
 
 @dataclass(frozen=True)
 class RepositoryJob:
-    model: Path
+    model: Path | None  # the generator; None: a repository of retrieval models only
     out: Path
+    embedding: Path | None = None  # a Qwen3-VL-Embedding checkpoint -> the `embed` model
+    reranker: Path | None = None  # a Qwen3-VL-Reranker checkpoint -> the `rerank` model
+    dimensions: int = EncoderConfig.dimensions  # the embedding's default Matryoshka size (0 = full)
     device: str = "cpu"  # a key of shelfsight.engine.PRESETS: cpu | gpu
     preprocess_instances: int = 2
     collect_instances: int = 1  # each instance keeps many answers in flight (collect/1/model.py)
@@ -64,10 +69,24 @@ def patch_dim(config: dict) -> int:
     return v.get("in_channels", 3) * v.get("temporal_patch_size", qwen.TEMPORAL_PATCH_SIZE) * patch * patch
 
 
-def public_json(served: manifest.ServingManifest) -> str:
-    """The client-facing part of the manifest, escaped for a protobuf text-format string."""
-    doc = {k: v for k, v in asdict(served).items() if k in ("model_id", "scheme", "generation", "limits",
-                                                           "pixels", "image_limits")}
+def served(path: Path) -> manifest.Served:
+    info = checkpoint.inspect(path)
+    fingerprint = checkpoint.fingerprint(info.path)
+    return manifest.Served(path=str(info.path.resolve()), fingerprint=fingerprint,
+                           model_id=f"{info.path.resolve().name}@{fingerprint[:12]}", scheme=info.scheme,
+                           hidden_size=int(info.text_config.get("hidden_size", 0)))
+
+
+def public_json(m: manifest.ServingManifest, kind: str) -> str:
+    """What clients need to know about the model of `kind` (model id, defaults, limits), escaped for a
+    protobuf text-format string: the gateway reads it with get_model_config."""
+    one = m.served(kind)
+    doc = {"model_id": one.model_id, "scheme": one.scheme, "kind": kind, "limits": asdict(m.limits),
+           "pixels": asdict(m.pixels), "image_limits": asdict(m.image_limits)}
+    if kind == "generator":
+        doc["generation"] = asdict(m.generation)
+    if kind == "embedding":
+        doc |= {"width": one.hidden_size, "dimensions": m.encoder.dimensions or one.hidden_size}
     return json.dumps(doc, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"')
 
 
@@ -78,32 +97,44 @@ def build(job: RepositoryJob) -> manifest.ServingManifest:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < job.min_pixels <= job.max_pixels:
         raise InvalidArgument(f"pixel bounds must satisfy 0 < min ({job.min_pixels}) <= max ({job.max_pixels})")
-    info = checkpoint.inspect(job.model)
-    fingerprint = checkpoint.fingerprint(info.path)
-    served = manifest.ServingManifest(
-        checkpoint=str(info.path.resolve()), fingerprint=fingerprint,
-        model_id=f"{info.path.resolve().name}@{fingerprint[:12]}", scheme=info.scheme,
-        device=target.device, dtype=target.dtype,
-        generation=generation_defaults(info.path, job.max_new_tokens),
+    if job.model is None and job.embedding is None and job.reranker is None:
+        raise InvalidArgument("give at least one checkpoint to serve: --model, --embedding or --reranker")
+    models = {kind: served(path) if path is not None else None
+              for kind, path in (("generator", job.model), ("embedding", job.embedding), ("reranker", job.reranker))}
+    width = models["embedding"].hidden_size if models["embedding"] else 0
+    if models["embedding"] and not 0 <= job.dimensions <= width:
+        raise InvalidArgument(f"--dimensions must be between 1 and the embedding's width {width} (0 = {width})")
+    m = manifest.ServingManifest(
+        **models, device=target.device, dtype=target.dtype,
+        generation=generation_defaults(job.model, job.max_new_tokens) if job.model else GenerationParams(),
         pixels=imaging.PixelBounds(job.min_pixels, job.max_pixels),
         engine=replace(target.engine, max_batch=job.max_batch),
+        encoder=replace(target.encoder, dimensions=job.dimensions),
     )
-    values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(info.config),
-              "SERVING_JSON": public_json(served),
+    some = next(path for path in (job.model, job.embedding, job.reranker) if path is not None)
+    kind = "KIND_GPU" if target.device == "cuda" else "KIND_CPU"
+    values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(checkpoint.inspect(some).config),
               "PREPROCESS_INSTANCES": job.preprocess_instances, "COLLECT_INSTANCES": job.collect_instances,
-              "GENERATE_KIND": "KIND_GPU" if target.device == "cuda" else "KIND_CPU", **parameter_inputs()}
+              "GENERATE_KIND": kind, "ENCODER_KIND": kind, **parameter_inputs()}
 
-    def write(model: str, template: str, **extra) -> None:
+    def write(model: str, template: str, code: bool, **extra) -> None:
         dst = staging.path / model
         (dst / "1").mkdir(parents=True)
         config = Template((TEMPLATES / template / "config.pbtxt").read_text()).substitute(values, **extra)
         (dst / "config.pbtxt").write_text(config)
+        if code:
+            shutil.copy2(TEMPLATES / template / "1" / "model.py", dst / "1" / "model.py")
 
     with Staging(job.out, job.force) as staging:
-        for model in STEPS:
-            write(model, model)
-            shutil.copy2(TEMPLATES / model / "1" / "model.py", staging.path / model / "1" / "model.py")
-        for name, answers_from in contract.ANSWERS_FROM.items():
-            write(name, ENSEMBLE_TEMPLATE, NAME=name, ANSWERS_FROM=answers_from)
-        (staging.path / manifest.FILENAME).write_text(served.to_json())
-    return served
+        if m.generator is not None:
+            for model in STEPS:
+                write(model, model, True, SERVING_JSON="")
+            for name, answers_from in contract.ANSWERS_FROM.items():
+                write(name, ENSEMBLE_TEMPLATE, False, NAME=name, ANSWERS_FROM=answers_from,
+                      SERVING_JSON=public_json(m, "generator"))
+        if m.embedding is not None:
+            write(contract.EMBED, contract.EMBED, True, SERVING_JSON=public_json(m, "embedding"))
+        if m.reranker is not None:
+            write(contract.RERANK, contract.RERANK, True, SERVING_JSON=public_json(m, "reranker"))
+        (staging.path / manifest.FILENAME).write_text(m.to_json())
+    return m

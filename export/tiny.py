@@ -78,16 +78,26 @@ def build_processor(tokenizer):
                             chat_template=tokenizer.chat_template)
 
 
-def build(out: Path, shape: str = "tiny", seed: int = 0, device: str = "cpu") -> None:
+KINDS = ("generator", "embedding", "reranker")
+
+
+def build(out: Path, shape: str = "tiny", seed: int = 0, device: str = "cpu", kind: str = "generator") -> None:
     """Write a random Qwen3-VL checkpoint of `shape` into the (empty, existing) directory `out`.
-    The same seed writes byte-identical weight files."""
+    The same seed writes byte-identical weight files.
+
+    The three kinds share one format, as the real checkpoints do: Qwen3-VL-Embedding-2B and
+    Qwen3-VL-Reranker-2B are Qwen3VLForConditionalGeneration checkpoints with tied embeddings, like the
+    instruct model; what differs is how they are used (last-token pooling; the "yes"/"no" lm_head rows).
+    `kind` is recorded in shelfsight-origin.json and seeds the weights apart from the generator's."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
     from shelfsight.export.tokenizer import build_tokenizer
 
     config = make_config(shape)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + 1000 * KINDS.index(kind))
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration(config)
     model = model.to(torch.bfloat16)
@@ -96,5 +106,5 @@ def build(out: Path, shape: str = "tiny", seed: int = 0, device: str = "cpu") ->
     tokenizer = build_tokenizer()
     build_processor(tokenizer).save_pretrained(out)
     (out / "shelfsight-origin.json").write_text(json.dumps(
-        {"kind": "random", "shape": shape, "seed": seed,
+        {"kind": "random", "model": kind, "shape": shape, "seed": seed,
          "parameters": sum(p.numel() for p in model.parameters())}, indent=1) + "\n")

@@ -27,6 +27,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_embedding(tmp_path_factory) -> Path:
+    """A tiny random checkpoint in Qwen3-VL-Embedding's format."""
+    from shelfsight.export import tiny
+
+    out = tmp_path_factory.mktemp("tiny-embedding")
+    tiny.build(out, seed=0, kind="embedding")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory) -> Path:
+    """A tiny random checkpoint in Qwen3-VL-Reranker's format."""
+    from shelfsight.export import tiny
+
+    out = tmp_path_factory.mktemp("tiny-reranker")
+    tiny.build(out, seed=0, kind="reranker")
+    return out
+
+
+@pytest.fixture(scope="session")
 def exports(tiny_checkpoint, tmp_path_factory) -> dict:
     """{scheme: (checkpoint dir, manifest)} for bf16, int8 and int4 (GPTQ) of the tiny model."""
     from shelfsight.export.quantize import QuantizeJob, run
@@ -68,9 +88,12 @@ def running_triton(repo: Path):
 
 
 @pytest.fixture(scope="session")
-def triton(tiny_checkpoint, tmp_path_factory):
-    """A real tritonserver serving the tiny bf16 checkpoint (computing in fp32 on CPU)."""
-    with running_triton(make_repository(tiny_checkpoint, tmp_path_factory.mktemp("repo") / "bf16")) as server:
+def triton(tiny_checkpoint, tiny_embedding, tiny_reranker, tmp_path_factory):
+    """A real tritonserver serving the tiny bf16 checkpoint (computing in fp32 on CPU), and the tiny
+    embedding model and reranker beside it (`embed`, `rerank`)."""
+    repo = make_repository(tiny_checkpoint, tmp_path_factory.mktemp("repo") / "bf16", embedding=tiny_embedding,
+                           reranker=tiny_reranker)
+    with running_triton(repo) as server:
         yield server
 
 

@@ -1,5 +1,5 @@
-"""What the engine's users see: a request, where its output goes (Sink) and the events it reports
-(Observer). Its settings are in config.py."""
+"""What the engine's users see: a prompt, a request to answer it, where its output goes (Sink) and the
+events it reports (Observer). Its settings are in config.py."""
 from __future__ import annotations
 
 import logging
@@ -27,21 +27,22 @@ class Sink(Protocol):
 
 
 @dataclass
-class Request:
+class Prompt:
+    """A model's input: the prompt's tokens and the pictures it holds."""
     input_ids: torch.Tensor  # [L] int64, each picture's visual tokens as a run of <|image_pad|>
     pixel_values: torch.Tensor  # [P, C*T*P*P] float32: every picture's patches in order (0 rows: text only)
     grid_thw: torch.Tensor  # [n, 3] int64: (1, grid_h, grid_w) per picture
     image_keys: tuple[str, ...]  # per picture; equal keys mean equal patches (the vision cache's key)
-    params: GenerationParams
-    sink: Sink
-    arrival: float = field(default_factory=time.perf_counter)
+
+    @staticmethod
+    def tensors(inputs) -> tuple:
+        """Preprocessing's ModelInputs (numpy) as this class's first four fields, copied into tensors."""
+        return (torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.pixel_values),
+                torch.tensor(inputs.image_grid_thw, dtype=torch.int64).reshape(-1, 3), tuple(inputs.image_keys))
 
     @classmethod
-    def of(cls, inputs, params: GenerationParams, sink: Sink) -> "Request":
-        """From preprocessing's ModelInputs (numpy), copied into tensors."""
-        return cls(torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.pixel_values),
-                   torch.tensor(inputs.image_grid_thw, dtype=torch.int64).reshape(-1, 3),
-                   tuple(inputs.image_keys), params, sink)
+    def of(cls, inputs) -> "Prompt":
+        return cls(*cls.tensors(inputs))
 
     def picture_tokens(self, merge_size: int) -> list[int]:
         """Visual tokens per picture after the vision tower merges merge_size x merge_size patches."""
@@ -49,6 +50,18 @@ class Request:
 
     def image_tokens(self, merge_size: int) -> int:
         return sum(self.picture_tokens(merge_size))
+
+
+@dataclass
+class Request(Prompt):
+    """A prompt to answer: how, and where the answer goes."""
+    params: GenerationParams = None
+    sink: Sink = None
+    arrival: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def of(cls, inputs, params: GenerationParams, sink: Sink) -> "Request":
+        return cls(*cls.tensors(inputs), params, sink)
 
 
 class Observer:

@@ -28,6 +28,15 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    """The embedding and reranking models (engine/encoder.py): prefill only, many prompts in one forward."""
+    max_batch_tokens: int = 8192  # padded prompt tokens in one forward (rows x the longest prompt)
+    max_len: int = 4096  # tokens of one prompt (pictures included)
+    dimensions: int = 0  # the embedding's default Matryoshka size; 0 = the model's full width
+    vision_cache_bytes: int = 64 << 20  # features of recent pictures (a query photo reranked against N items)
+
+
+@dataclass(frozen=True)
 class DevicePreset:
     """Where the engine runs and the engine sizes that suit it; `export repository --device` picks one."""
     device: str  # torch device type: cpu | cuda
@@ -35,11 +44,14 @@ class DevicePreset:
     # batched; fp32 keeps them batch-invariant there. GPUs compute in bf16.
     dtype: str
     engine: EngineConfig
+    encoder: EncoderConfig = EncoderConfig()
 
 
 PRESETS = {
-    "cpu": DevicePreset("cpu", "float32", EngineConfig(max_prefill_tokens=4096, vision_cache_bytes=256 << 20)),
-    "gpu": DevicePreset("cuda", "bfloat16", EngineConfig(max_prefill_tokens=16_384, vision_cache_bytes=1 << 30)),
+    "cpu": DevicePreset("cpu", "float32", EngineConfig(max_prefill_tokens=4096, vision_cache_bytes=256 << 20),
+                        EncoderConfig(max_batch_tokens=8192)),
+    "gpu": DevicePreset("cuda", "bfloat16", EngineConfig(max_prefill_tokens=16_384, vision_cache_bytes=1 << 30),
+                        EncoderConfig(max_batch_tokens=32_768, vision_cache_bytes=256 << 20)),
 }
 
 

@@ -42,3 +42,17 @@ STEP_INPUTS = MODEL_INPUTS + (PARAMS,)
 # Triton API data type -> config.pbtxt data type
 CONFIG_TYPE = {"BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32",
                "BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8"}
+
+# The retrieval models, laid out when the repository serves them (`export repository --embedding DIR
+# --reranker DIR`). One input per request, all inputs batch-first; pictures as in the pipeline's
+# conversation form (IMAGES + IMAGE_SIZES). Optional inputs left out take the defaults; clients that
+# send every input (empty where unused) batch together in Triton's dynamic batcher.
+#   embed   CONTENT BYTES [1] (text, may be empty), pictures, INSTRUCTION BYTES [1], DIMENSIONS INT32 [1]
+#           (a Matryoshka size; 0 = full) -> EMBEDDING FP32 [d] (unit norm), PROMPT_TOKENS INT32 [1]
+#   rerank  QUERY BYTES [1], DOCUMENT BYTES [1], pictures (the first QUERY_IMAGES INT32 [1] are the
+#           query's, the rest the document's), INSTRUCTION -> SCORE FP32 [1] in (0, 1), PROMPT_TOKENS
+EMBED, RERANK = "embed", "rerank"
+CONTENT, INSTRUCTION, DIMENSIONS = "CONTENT", "INSTRUCTION", "DIMENSIONS"
+QUERY, DOCUMENT, QUERY_IMAGES = "QUERY", "DOCUMENT", "QUERY_IMAGES"
+EMBEDDING, SCORE = "EMBEDDING", "SCORE"
+ENCODER_KIND = {EMBED: "embedding", RERANK: "reranker"}

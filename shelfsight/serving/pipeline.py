@@ -42,6 +42,19 @@ class Answer:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class Item:
+    """One side of a retrieval input: text and/or pictures (encoded files)."""
+    text: str = ""
+    pictures: tuple[bytes, ...] = ()
+
+
+@dataclass
+class Embedding:
+    vector: np.ndarray  # [d] float32, unit norm
+    prompt_tokens: int
+
+
 @dataclass
 class Delta:
     text: str
@@ -137,8 +150,65 @@ STUB_DEAD = re.compile(r"Stub process '[^']*' is not healthy|Stub process is not
 END_OF_CALL_SECONDS = 5.0
 
 
-class PipelineClient:
-    """asyncio client of the pipeline contract over Triton's gRPC endpoint."""
+def _retrieval_inputs(texts: dict[str, str], pictures: Sequence[bytes], **scalars) -> list:
+    """Every input of `embed` / `rerank`, empty where unused, so that all requests batch together."""
+    data, sizes = pack_pictures(pictures)
+    inputs = [_text(name, value) for name, value in texts.items()]
+    inputs += [_tensor(contract.IMAGES, "UINT8", data[None]), _tensor(contract.IMAGE_SIZES, "INT64", sizes[None])]
+    inputs += [_tensor(name, "INT32", np.array([[value]], np.int32)) for name, value in scalars.items()]
+    return inputs
+
+
+class RetrievalCalls:
+    """The `embed` and `rerank` models over the same channel (mixed into PipelineClient)."""
+
+    _client: grpcclient.InferenceServerClient
+
+    async def _one(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, request_id: str):
+        try:
+            result = await self._client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                                              request_id=request_id, client_timeout=timeout)
+        except Exception as e:
+            raise to_error(e) from None
+        return [result.as_numpy(n) for n in outputs]
+
+    async def embed(self, items: Sequence[Item], *, instruction: str = "", dimensions: int = 0,
+                    timeout: float | None = None, request_id: str = "") -> list[Embedding]:
+        """One embedding per item, in order (one Triton request each: its batcher encodes them together)."""
+        async def one(item: Item) -> Embedding:
+            inputs = _retrieval_inputs({contract.CONTENT: item.text, contract.INSTRUCTION: instruction}, item.pictures,
+                                       **{contract.DIMENSIONS: dimensions})
+            vec, tokens = await self._one(contract.EMBED, inputs, (contract.EMBEDDING, contract.PROMPT_TOKENS),
+                                          timeout, request_id)
+            return Embedding(vec.reshape(-1).astype(np.float32), int(tokens.reshape(-1)[0]))
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+    async def rerank(self, query: Item, documents: Sequence[Item], *, instruction: str = "",
+                     timeout: float | None = None, request_id: str = "") -> list[float]:
+        """The relevance of each document to the query, in order."""
+        async def one(doc: Item) -> float:
+            inputs = _retrieval_inputs({contract.QUERY: query.text, contract.DOCUMENT: doc.text,
+                                        contract.INSTRUCTION: instruction}, query.pictures + doc.pictures,
+                                       **{contract.QUERY_IMAGES: len(query.pictures)})
+            score, _ = await self._one(contract.RERANK, inputs, (contract.SCORE, contract.PROMPT_TOKENS), timeout,
+                                       request_id)
+            return float(score.reshape(-1)[0])
+        return list(await asyncio.gather(*(one(d) for d in documents)))
+
+    async def model_info(self, model: str) -> dict | None:
+        """The public JSON a model's config carries (export/repository.py public_json), or None when
+        this Triton does not serve `model`."""
+        try:
+            config = await self._client.get_model_config(model, as_json=True)
+        except Exception:  # noqa: BLE001 - not served (or not reachable: the caller checks readiness)
+            return None
+        raw = config["config"].get("parameters", {}).get("shelfsight", {}).get("string_value")
+        return json.loads(raw) if raw else None
+
+
+class PipelineClient(RetrievalCalls):
+    """asyncio client of the contract over Triton's gRPC endpoint: the pipeline ensembles, and the
+    retrieval models where the repository serves them."""
 
     def __init__(self, url: str):
         self.url = url

@@ -101,8 +101,9 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
         from transformers import AutoTokenizer
 
-        model = load_model(m.checkpoint, device=device, dtype=m.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(m.checkpoint)
+        path = m.served("generator").path
+        model = load_model(path, device=device, dtype=m.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         self.observer = TritonObserver(args["model_name"])
         self.engine = Engine(model, tokenizer, m.engine, self.observer)
         self.engine.start()

@@ -25,7 +25,7 @@ class TritonPythonModel:
         self.manifest = manifest_mod.load(model_dir_repo(args))
         m = self.manifest
         torch.set_num_threads(max(1, m.preprocess_threads))
-        self.pre = load_preprocessor(m.checkpoint, m.pixels.min_pixels, m.pixels.max_pixels, m.image_limits, m.limits)
+        self.pre = load_preprocessor(m.served("generator").path, m.pixels.min_pixels, m.pixels.max_pixels, m.image_limits, m.limits)
         self.pool = ThreadPoolExecutor(max_workers=max(1, m.preprocess_threads), thread_name_prefix="preprocess")
 
     def _inputs(self, request, enhance: bool):
