@@ -52,6 +52,7 @@ class Item:
     metadata: Mapping[str, Any]  # flat: str, int, float or bool values
     embedding: Sequence[float]  # `dim` finite values, L2-normalised by the embedding model
     content_hash: str = ""  # the caller's hash of photo bytes + text + metadata: unchanged items are skipped
+    thumbnail: bytes = b""  # a small JPEG of the item's photo (search results show it; the reranker reads it)
 
 
 # ---- checks ----
@@ -111,8 +112,11 @@ def _check_mapping(field: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def check_item(i: int, item: Item, dim: int, settings: CatalogSettings) -> tuple[str, str, dict, np.ndarray, str]:
-    """(id, text, metadata, embedding, content_hash) of items[i], or InvalidArgument naming the field."""
+MAX_THUMBNAIL_BYTES = 256 << 10
+
+
+def check_item(i: int, item: Item, dim: int, settings: CatalogSettings) -> tuple[str, str, dict, np.ndarray, str, bytes]:
+    """(id, text, metadata, embedding, content_hash, thumbnail) of items[i], or InvalidArgument naming the field."""
     field = f"items[{i}]"
     if not isinstance(item, Item):
         raise InvalidArgument(f"{field} must be an Item, got {type(item).__name__}")
@@ -124,7 +128,9 @@ def check_item(i: int, item: Item, dim: int, settings: CatalogSettings) -> tuple
         raise InvalidArgument(f"{field}.metadata is {size} bytes as JSON; at most {settings.max_metadata_bytes}")
     embedding = check_vector(f"{field}.embedding", item.embedding, dim)
     content_hash = _check_string(f"{field}.content_hash", item.content_hash, 0, MAX_ID_CHARS)
-    return id_, text, metadata, embedding, content_hash
+    if not isinstance(item.thumbnail, bytes) or len(item.thumbnail) > MAX_THUMBNAIL_BYTES:
+        raise InvalidArgument(f"{field}.thumbnail must be at most {MAX_THUMBNAIL_BYTES} bytes")
+    return id_, text, metadata, embedding, content_hash, item.thumbnail
 
 
 def check_ids(ids: Sequence[str]) -> list[str]:
@@ -149,11 +155,16 @@ class Tables:
         self.items, self.meta = sql.Identifier(f"{name}_items"), sql.Identifier(f"{name}_meta")
         f = {"items": self.items}
         self.upsert = sql.SQL(
-            "INSERT INTO {items} (id, text, metadata, embedding, content_hash, tsv, updated_at) "
-            "VALUES (%s, %s, %s, %b, %s, to_tsvector('simple', %s), now()) "
+            "INSERT INTO {items} (id, text, metadata, embedding, content_hash, tsv, thumbnail, updated_at) "
+            "VALUES (%s, %s, %s, %b, %s, to_tsvector('simple', %s), %s, now()) "
             "ON CONFLICT (id) DO UPDATE SET text = EXCLUDED.text, metadata = EXCLUDED.metadata, "
             "embedding = EXCLUDED.embedding, content_hash = EXCLUDED.content_hash, tsv = EXCLUDED.tsv, "
-            "updated_at = EXCLUDED.updated_at").format(**f)
+            "thumbnail = EXCLUDED.thumbnail, updated_at = EXCLUDED.updated_at").format(**f)
+        # every write bumps the catalog's version (in its transaction): cached search results carry the
+        # version they were computed at, so any write makes them misses, on every gateway
+        self.bump = sql.SQL("UPDATE {meta} SET version = version + 1").format(meta=self.meta)
+        self.version = sql.SQL("SELECT version FROM {meta}").format(meta=self.meta)
+        self.thumbnails = sql.SQL("SELECT id, thumbnail FROM {items} WHERE id = ANY(%s)").format(**f)
         self.delete = sql.SQL("DELETE FROM {items} WHERE id = ANY(%s)").format(**f)
         self.hashes = sql.SQL("SELECT id, content_hash FROM {items} WHERE id = ANY(%s)").format(**f)
         self.count = sql.SQL("SELECT count(*) FROM {items}").format(**f)
@@ -230,7 +241,15 @@ def _indexes(t: Tables, dim: int, s: CatalogSettings) -> list[sql.Composable]:
     ]
 
 
-MIGRATIONS: list[Callable[[Tables, int, CatalogSettings], list[sql.Composable]]] = [_tables, _indexes]
+def _thumbnails_and_version(t: Tables, dim: int, s: CatalogSettings) -> list[sql.Composable]:
+    return [
+        sql.SQL("ALTER TABLE {items} ADD COLUMN IF NOT EXISTS thumbnail bytea NOT NULL DEFAULT ''").format(items=t.items),
+        sql.SQL("ALTER TABLE {meta} ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0").format(meta=t.meta),
+    ]
+
+
+MIGRATIONS: list[Callable[[Tables, int, CatalogSettings], list[sql.Composable]]] = [_tables, _indexes,
+                                                                                     _thumbnails_and_version]
 
 
 async def _built_by(conn: psycopg.AsyncConnection, t: Tables) -> tuple[str, int] | None:

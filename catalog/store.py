@@ -199,17 +199,21 @@ class CatalogStore:
         if len(set(ids)) != len(ids):
             twice = next(i for i in ids if ids.count(i) > 1)
             raise InvalidArgument(f"items: id {twice!r} appears twice in one upsert")
-        params = [(id_, text, Jsonb(meta), HalfVector(vec), chash, search_text(text))
-                  for id_, text, meta, vec, chash in rows]
+        params = [(id_, text, Jsonb(meta), HalfVector(vec), chash, search_text(text), thumb)
+                  for id_, text, meta, vec, chash, thumb in rows]
         async with self._connection("an upsert") as conn:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany(self.tables.upsert, params)  # pipelined: one round trip per batch
+                await cur.execute(self.tables.bump)
 
     async def delete(self, ids: Sequence[str]) -> int:
         """Remove `ids`; returns how many existed."""
         ids = check_ids(ids)
         async with self._connection("a delete") as conn:
-            cur = await conn.execute(self.tables.delete, (ids,))
+            async with conn.transaction():
+                cur = await conn.execute(self.tables.delete, (ids,))
+                if cur.rowcount:
+                    await conn.execute(self.tables.bump)
             return cur.rowcount
 
     async def hashes(self, ids: Sequence[str]) -> dict[str, str]:
@@ -220,6 +224,18 @@ class CatalogStore:
             return dict(await cur.fetchall())
 
     # ---- reading ----
+
+    async def version(self) -> int:
+        """Grows with every write (upsert, delete): what cached search results are keyed on."""
+        async with self._connection("reading the version") as conn:
+            return (await (await conn.execute(self.tables.version)).fetchone())[0]
+
+    async def thumbnails(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """{id: thumbnail JPEG} of the `ids` the catalog holds with a thumbnail."""
+        ids = check_ids(ids)
+        async with self._connection("reading thumbnails") as conn:
+            cur = await conn.execute(self.tables.thumbnails, (ids,))
+            return {id_: bytes(t) for id_, t in await cur.fetchall() if t}
 
     async def count(self) -> int:
         async with self._connection("counting") as conn:

@@ -43,6 +43,28 @@ def register(sub) -> None:
     add_generation_flags(batch)
     batch.set_defaults(func=cmd_batch)
 
+    index = sub.add_parser("index", help="add a catalog to the search index: a folder of photos (stem = id) or a "
+                           "JSONL of items (id, image, text, metadata); resumable")
+    index.add_argument("catalog", type=Path)
+    index.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
+    index.add_argument("--progress", type=Path, help="acknowledged items (default: CATALOG.index.jsonl beside it); "
+                       "rerun to resume")
+    index.add_argument("--timeout", type=float, help="deadline in seconds for the whole stream")
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="find catalog items by photo, by words, or both")
+    search.add_argument("image", type=Path, nargs="?", help="a photo to search by")
+    search.add_argument("--text", default="", help="words to search by")
+    search.add_argument("--top-k", type=int, default=0, help="hits (default: the gateway's, 10)")
+    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        help="only items whose metadata KEY equals VALUE (repeatable; numbers and true/false are typed)")
+    search.add_argument("--rerank", type=int, default=0, metavar="N", help="rerank the first N with the reranker")
+    search.add_argument("--cache", choices=("use", "skip", "refresh"), default="use")
+    search.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
+    search.add_argument("--json", action="store_true", help="one JSON object per hit and line: id, score, metadata")
+    search.add_argument("--timeout", type=float, help="deadline in seconds")
+    search.set_defaults(func=cmd_search)
+
 
 def cmd_ask(args) -> int:
     from shelfsight.client.client import ShelfsightClient
@@ -83,3 +105,51 @@ def cmd_batch(args) -> int:
                                     timeout=args.timeout, log=log, **request_options(args)))
     print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
     return 1 if summary.failed else 0
+
+
+def parse_filter(spec: str):
+    """KEY=VALUE -> (key, value): integers, numbers and true/false typed, anything else text."""
+    from shelfsight.errors import InvalidArgument
+
+    key, sep, raw = spec.partition("=")
+    if not sep or not key:
+        raise InvalidArgument(f"--filter {spec!r} is not KEY=VALUE")
+    if raw in ("true", "false"):
+        return key, raw == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def cmd_index(args) -> int:
+    from shelfsight.client import indexing
+
+    def log(msg: str) -> None:
+        print(f"index: {msg}", file=sys.stderr, flush=True)
+
+    summary = asyncio.run(indexing.run(args.target, args.catalog, args.progress, timeout=args.timeout, log=log))
+    print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
+    return 1 if summary.failed else 0
+
+
+def cmd_search(args) -> int:
+    from shelfsight.client.client import ShelfsightClient
+    from shelfsight.errors import NotFound
+
+    if args.image is not None and not args.image.is_file():
+        raise NotFound(f"image {args.image} does not exist")
+    filters = dict(parse_filter(f) for f in args.filter)
+    with ShelfsightClient(args.target) as client:
+        r = client.search(args.image, args.text, top_k=args.top_k, filters=filters, rerank=args.rerank,
+                          cache=args.cache, timeout=args.timeout)
+    for h in r.hits:
+        if args.json:
+            print(json.dumps(h.to_dict(), ensure_ascii=False))
+        else:
+            extra = f" rerank {h.rerank_score:.4f}" if h.rerank_score is not None else ""
+            print(f"{h.score:.4f}{extra}  {h.id}  {h.text[:60]}  {json.dumps(h.metadata, ensure_ascii=False)}")
+    print(f"[{len(r.hits)} hits, {r.cache_status}, {r.total_seconds * 1000:.0f} ms, model {r.model_id}]", file=sys.stderr)
+    return 0

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 
 from shelfsight import errors, ports
+from shelfsight.client.catalog import AsyncCatalogCalls, CatalogCalls
 from shelfsight.params import FIELDS as PARAMETERS
 from shelfsight.protos import pb, pb_grpc
 
@@ -89,7 +90,7 @@ class _Joiner:
         return Chunk(m.text)
 
 
-class ShelfsightClient:
+class ShelfsightClient(CatalogCalls):
     def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
         self.target, self.timeout = target, timeout
         self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
@@ -133,7 +134,7 @@ class ShelfsightClient:
         self.close()
 
 
-class AsyncShelfsightClient:
+class AsyncShelfsightClient(AsyncCatalogCalls):
     def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
         self.target, self.timeout = target, timeout
         self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])

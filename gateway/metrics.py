@@ -69,6 +69,18 @@ class GatewayMetrics:
                                          buckets=LATENCY, registry=r)
         self.replica_retries = Counter("shelfsight_replica_retries_total", "Model calls retried on another "
                                        "replica after theirs was UNAVAILABLE before any text.", registry=r)
+        self.search_seconds = Histogram("shelfsight_search_stage_seconds", "Catalog search and indexing: time in "
+                                        "each stage (embed, catalog, rerank).", ("stage",), buckets=LATENCY,
+                                        registry=r)
+        self.index_items = Counter("shelfsight_index_items_total", "Catalog items received by Index, by result "
+                                   "(indexed, unchanged, failed).", ("result",), registry=r)
+        self.catalog_up = Gauge("shelfsight_catalog_up", "1 when the catalog (PostgreSQL) answers and an embedding "
+                                "model is served, else 0.", registry=r)
+        self.catalog_items = Gauge("shelfsight_catalog_items", "Items in the catalog, as last counted.", registry=r)
+        for stage in ("embed", "catalog", "rerank"):
+            self.search_seconds.labels(stage)
+        for result in ("indexed", "unchanged", "failed"):
+            self.index_items.labels(result)
         for level in ("exact", "perceptual"):
             for result in ("hit", "miss"):
                 self.cache_lookups.labels(level, result)  # present from the start, at zero

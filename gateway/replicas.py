@@ -27,10 +27,11 @@ import time
 from collections import Counter
 from typing import Awaitable, Callable, Iterable, TypeVar
 
-from shelfsight.errors import InvalidArgument, ModelProcessLost, ShelfsightError, Unavailable
+from shelfsight.errors import FailedPrecondition, InvalidArgument, ModelProcessLost, ShelfsightError, Unavailable
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.tasks import Background
 from shelfsight.gateway.upstream import ModelInfo, Upstream
+from shelfsight.serving import contract
 
 log = logging.getLogger("shelfsight.gateway")
 T = TypeVar("T")
@@ -158,6 +159,21 @@ class Replicas:
         states = ", ".join(f"{r.url} {'broken: ' + r.broken if r.broken else 'not ready'}"
                            for r in self.replicas.values()) or f"none found at {self.dns}"
         raise Unavailable(f"no model server is ready ({states}); retry shortly")
+
+    def serving(self, model: str) -> tuple[Upstream, dict]:
+        """A usable replica that serves the retrieval model `model` (contract.EMBED / RERANK), and that
+        model's public info; FAILED_PRECONDITION when the pool serves no such model."""
+        usable = [r for r in self.replicas.values() if self._usable(r)]
+        if not usable:
+            self.model()  # raises UNAVAILABLE, naming each replica's state
+        having = [r for r in usable if model in r.retrieval]
+        if not having:
+            what = {contract.EMBED: "embedding model (`serve --embedding DIR`)",
+                    contract.RERANK: "reranker (`serve --reranker DIR`)"}[model]
+            raise FailedPrecondition(f"this deployment serves no {what}")
+        turn = next(self._turn) % len(having)
+        best = min(having[turn:] + having[:turn], key=lambda r: r.in_flight)
+        return best, best.retrieval[model]
 
     # ---- choosing and calling ----
     def pick(self, exclude: Iterable[Upstream] = ()) -> Upstream:

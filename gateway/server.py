@@ -26,7 +26,9 @@ from shelfsight.gateway.resilient import GuardedStore, open_store
 from shelfsight.gateway.service import CALL_LOG, ProductVisionService
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.tasks import Background
-from shelfsight.protos import SERVICE, pb, pb_grpc
+from shelfsight.gateway.catalog_grpc import CatalogServicer
+from shelfsight.gateway.search import SearchService
+from shelfsight.protos import CATALOG, SERVICE, SERVICES, pb, pb_grpc
 
 log = logging.getLogger("shelfsight.gateway")
 access = logging.getLogger("shelfsight.gateway.access")
@@ -64,8 +66,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             return None
         service, _, method = details.method.strip("/").rpartition("/")
         deserialize = handler.request_deserializer
-        if service == SERVICE:  # our own messages: a body that does not parse is INVALID_ARGUMENT
-            deserialize = lenient(deserialize, pb.DESCRIPTOR.services_by_name["ProductVision"]
+        if service in SERVICES:  # our own messages: a body that does not parse is INVALID_ARGUMENT
+            deserialize = lenient(deserialize, pb.DESCRIPTOR.services_by_name[SERVICES[service]]
                                   .methods_by_name[method].input_type)
         if handler.unary_unary:
             labels = ("unary", service, method)
@@ -75,6 +77,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             labels = ("server_stream", service, method)
             return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, labels),
                                                         deserialize, handler.response_serializer)
+        if handler.stream_stream:
+            labels = ("bidi_stream", service, method)
+            return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, labels, refuse=False),
+                                                         deserialize, handler.response_serializer)
         return handler
 
     def _begin(self, labels):
@@ -87,7 +93,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - t0
         self.m.handled.labels(*labels, code).inc()
         self.m.handling.labels(*labels).observe(elapsed)
-        if labels[1] == SERVICE:
+        if labels[1] in SERVICES:
             entry = {"event": "rpc", "method": labels[2], "code": code, "seconds": round(elapsed, 4),
                      **CALL_LOG.get({})}
             if isinstance(exc, ShelfsightError):
@@ -112,11 +118,14 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             return reply
         return call
 
-    def _stream(self, behaviour, labels):
+    def _stream(self, behaviour, labels, refuse: bool = True):
+        """A server stream, or (refuse=False) a bidi stream, whose request is the client's message iterator:
+        a malformed message in it is the servicer's to report, per message."""
         async def call(request, context):
             t0 = self._begin(labels)
             try:
-                _refuse_malformed(request)
+                if refuse:
+                    _refuse_malformed(request)
                 async for item in behaviour(request, context):
                     self.m.msg_sent.labels(*labels).inc()
                     yield item
@@ -155,6 +164,7 @@ class Gateway:
         self.cache_store = open_store(settings.cache, self.metrics, self._on_cache)
         self.cache = ResultCache(settings.cache, self.cache_store)
         self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
+        self.search = SearchService(settings, self.upstream, self.cache_store, self.metrics, self._on_catalog)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -164,6 +174,12 @@ class Gateway:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             self._tasks.spawn(self.health.set(name, status), name=f"health {name or 'server'}")
+
+    def _on_catalog(self, up: bool) -> None:
+        if self._stopping:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._tasks.spawn(self.health.set(CATALOG, status), name="health catalog")
 
     def _on_cache(self, up: bool) -> None:
         if self._stopping:  # the probe may still succeed while requests drain: stay NOT_SERVING
@@ -181,20 +197,23 @@ class Gateway:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(CACHE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(CATALOG, health_pb2.HealthCheckResponse.NOT_SERVING)  # until the catalog answers
         if isinstance(self.cache_store, GuardedStore):  # one bounded PING: NOT_SERVING at once if Redis is down
             await self.cache_store.start()
         self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics)],
                                       options=[("grpc.max_receive_message_length", 64 << 20)])
         pb_grpc.add_ProductVisionServicer_to_server(self.service, self.server)
+        pb_grpc.add_CatalogServicer_to_server(CatalogServicer(self.search, self.service.deadline), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE, CATALOG, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         if not self.port:
             raise Internal(f"cannot listen on {s.host}:{s.port}")
         await self.server.start()
         await self.upstream.start()
+        self.search.start()
         log.info("gateway listening on %s:%d (metrics :%d), triton %s", s.host, self.port, self.metrics_port,
                  s.triton_dns or s.triton_url)
         return self
@@ -203,10 +222,11 @@ class Gateway:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
         self._stopping = True
         await self._tasks.close()  # a pending SERVING update must not land after the NOT_SERVING below
-        for name in ("", SERVICE, CACHE_HEALTH):
+        for name in ("", SERVICE, CACHE_HEALTH, CATALOG):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server:
             await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.search.close()
         await self.upstream.close()
         await self.cache.close()
         self._http.shutdown()

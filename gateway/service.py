@@ -60,7 +60,8 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
     def _on_lookup(self, level: str, hit: bool) -> None:
         self.metrics.cache_lookups.labels(level, "hit" if hit else "miss").inc()
 
-    def _timeout(self, context) -> float:
+    def deadline(self, context) -> float:
+        """Seconds a model call may take for this RPC: the gateway's cap, shortened by the client's deadline."""
         remaining = context.time_remaining()
         limit = self.settings.upstream_timeout
         return limit if remaining is None else max(0.001, min(limit, remaining - 0.02))
@@ -142,7 +143,7 @@ class ProductVisionService(pb_grpc.ProductVisionServicer):
         # A shared call must not inherit the deadline of whoever started it: a follower with a longer
         # one would fail with it. Each follower waits under its own deadline and leaves when it passes
         # (the last to leave cancels the call), so a shared call is bounded only by the gateway's cap.
-        timeout = self._timeout(context) if share is None else self.settings.upstream_timeout
+        timeout = self.deadline(context) if share is None else self.settings.upstream_timeout
         flight, coalesced = self.flights.join(share, lambda f: self._call(f, c, probe, timeout))
         if coalesced:
             self.metrics.coalesced.inc()

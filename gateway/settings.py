@@ -46,6 +46,25 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class SearchSettings:
+    """Catalog search (gateway/search.py, docs/search.md)."""
+    catalog_url: str | None = None  # postgresql://... with pgvector; None: Search and Index are unavailable
+    catalog_name: str = "catalog"  # several catalogs may share one Postgres
+    # Queries are embedded with a retrieval instruction, catalog items with the model's default
+    # ("Represent the user's input."): the asymmetric use Qwen3-VL-Embedding is trained for.
+    query_instruction: str = "Find the catalog product that matches this query"
+    top_k: int = 10  # hits when a request sets none
+    max_top_k: int = 100
+    max_rerank: int = 50  # candidates the reranker may be asked to score in one search
+    candidates: int = 100  # each ranked list's length before fusion (HNSW's ef_search)
+    index_batch: int = 16  # items embedded and stored together (one transaction): acknowledged together
+    index_batch_bytes: int = 64 << 20  # photo bytes held by one Index stream at once
+    thumbnail_side: int = 256  # px, the long side of the JPEG kept with each item
+    catalog_timeout: float = 10.0  # seconds one catalog statement may take
+    health_interval: float = 2.0  # seconds between checks of the catalog while it is up (0.5 while down)
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     triton_url: str = ports.TRITON_ADDRESS  # HOST:PORT, or several comma-separated: one per Triton replica
     triton_dns: str | None = None  # NAME:PORT re-resolved for the replicas instead (a headless Service)
@@ -59,3 +78,4 @@ class GatewaySettings:
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     health_interval: float = 1.0  # seconds between readiness checks of a ready Triton (<= 0.25 s while not)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)

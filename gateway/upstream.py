@@ -26,6 +26,7 @@ from typing import Awaitable, Callable, TypeVar
 from shelfsight.errors import ShelfsightError, Unavailable
 from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
+from shelfsight.serving import contract
 from shelfsight.serving.pipeline import PipelineClient
 
 log = logging.getLogger("shelfsight.gateway")
@@ -65,6 +66,7 @@ class Upstream:
         self.on_change = on_change
         self.ready = False
         self.info: ModelInfo | None = None
+        self.retrieval: dict[str, dict] = {}  # embed / rerank -> their public info, where served
         self.broken: str | None = None  # why the running Triton cannot answer, until it is restarted
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -89,6 +91,8 @@ class Upstream:
         if up and not self.ready:  # (re)connected: what is served may have changed
             try:
                 self.info = ModelInfo.from_dict(await self.client.serving_info())
+                found = {m: await self.client.model_info(m) for m in (contract.EMBED, contract.RERANK)}
+                self.retrieval = {m: info for m, info in found.items() if info is not None}
             except Exception as e:  # noqa: BLE001 - not servable until the model says what it is
                 log.warning("triton at %s is up but its pipeline carries no usable info: %s", self.url, e)
                 up = False

