@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -32,6 +33,9 @@ def register(sub) -> None:
     add_triton_flags(s, prefix="triton-")
     add_gateway_flags(s)
     s.add_argument("--ui-port", type=int, help="also serve the web UI (`shelfsight ui`) on this port, on --host")
+    s.add_argument("--catalog-dir", type=Path, help="the embedded catalog's data folder (PostgreSQL + pgvector, "
+                   "started when an embedding model is served and no --catalog URL is given; default "
+                   "/var/lib/shelfsight/catalog as root, else ~/.local/share/shelfsight/catalog)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -85,16 +89,32 @@ async def _serve(args, triton_config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start-up must not kill us half-way
         loop.add_signal_handler(sig, stop.set)
     supervisor = Supervisor(triton_config, RestartPolicy(max_failures=args.max_restarts))
-    triton = await asyncio.to_thread(supervisor.start)
+    catalog = await asyncio.to_thread(start_catalog, args, triton_config.repo)
+    try:
+        triton = await asyncio.to_thread(supervisor.start)
+    except BaseException:
+        if catalog:
+            await asyncio.to_thread(catalog.stop)
+        raise
     if stop.is_set():  # stopped while Triton was starting: nothing else to start
         await asyncio.to_thread(triton.stop)
+        if catalog:
+            await asyncio.to_thread(catalog.stop)
         return 0
-    settings = settings_from(args, triton.grpc_url)
+    settings = settings_from(args, triton.grpc_url, catalog.url if catalog else None)
     try:
         gateway = await Gateway(settings).start()
     except BaseException:
         await asyncio.to_thread(triton.stop)
+        if catalog:
+            await asyncio.to_thread(catalog.stop)
         raise
+    catalog_stop = asyncio.Event()
+    catalog_watch = None
+    if catalog:
+        from shelfsight.catalog.postgres import keep_alive
+
+        catalog_watch = asyncio.create_task(keep_alive(catalog, catalog_stop))
     supervisor.on_down = gateway.upstream.mark_broken
     supervisor.on_up = lambda server: gateway.upstream.poke()
     ui = None
@@ -109,6 +129,7 @@ async def _serve(args, triton_config) -> int:
             raise
     print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
           f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
+          + (f"; catalog postgres 127.0.0.1:{catalog.port} (data {catalog.data_dir})" if catalog else "")
           + (f"; web UI {ui.local_url}" if ui else ""), flush=True)
     # drain 0: Triton is stopped after the gateway, which gave in-flight requests its shutdown grace
     # and ended the rest; what Triton still decodes then has nobody waiting for it
@@ -129,7 +150,26 @@ async def _serve(args, triton_config) -> int:
         await watch
     except Exception:  # noqa: BLE001 - already reported above
         pass
+    if catalog:
+        catalog_stop.set()
+        await catalog_watch
+        await asyncio.to_thread(catalog.stop)
     return rc or triton_exit(supervisor)
+
+
+def start_catalog(args, repo: Path):
+    """The embedded catalog server, when this repository serves an embedding model and no external
+    catalog (--catalog URL) is given; else None."""
+    from shelfsight.serving import manifest
+
+    if args.catalog or manifest.load(repo).embedding is None:
+        return None
+    from shelfsight.catalog.postgres import EmbeddedPostgres, PostgresSettings, default_data_dir
+
+    folder = args.catalog_dir or default_data_dir()
+    if os.geteuid() == 0 and args.catalog_dir is None:
+        folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    return EmbeddedPostgres(PostgresSettings(folder)).start()
 
 
 def triton_exit(supervisor) -> int:

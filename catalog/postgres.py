@@ -349,3 +349,45 @@ def _closed_parent(path: Path) -> Path | None:
         except OSError:
             return parent
     return None
+
+
+def default_data_dir() -> Path:
+    """Where `shelfsight serve` keeps its catalog unless told otherwise. As root the server runs as
+    `nobody`, which cannot enter root's home (0700): a system folder then, reachable by it."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/shelfsight/catalog")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "shelfsight" / "catalog"
+
+
+async def keep_alive(server: EmbeddedPostgres, stop, interval: float = 0.5, max_backoff: float = 30.0) -> None:
+    """Restart `server` (same data folder, same port) whenever it dies, until `stop` (an asyncio.Event)
+    is set: crash recovery replays what was committed, and the gateway's pool reconnects by itself."""
+    import asyncio
+    import logging
+
+    log = logging.getLogger("shelfsight.catalog")
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+            return
+        except asyncio.TimeoutError:
+            pass
+        if server.alive():
+            continue
+        log.error("the catalog server (postgres) died with code %s; restarting it in %.0fs:\n%s",
+                  server.proc.returncode if server.proc else None, backoff, server.log_tail(10))
+        await asyncio.to_thread(server.stop, True)
+        try:
+            await asyncio.wait_for(stop.wait(), backoff)
+            return
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await asyncio.to_thread(server.start)
+            log.info("the catalog server is back on %s:%d", ports.LOCALHOST, server.port)
+            backoff = 1.0
+        except Exception as e:  # noqa: BLE001 - keep trying: the gateway reports the catalog down meanwhile
+            log.error("restarting the catalog server failed: %s", e)
+            backoff = min(max_backoff, backoff * 2)

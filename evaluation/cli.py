@@ -22,7 +22,8 @@ def register(sub) -> None:
     val.add_argument("folder", type=Path)
     val.set_defaults(func=cmd_validate)
 
-    ev = sub.add_parser("eval", help="score the served model on a dataset (resumable); `eval compare A B`")
+    ev = sub.add_parser("eval", help="score the served model on a dataset (resumable); `eval compare A B`; "
+                        "`eval search DATASET`: the dataset as a retrieval benchmark of catalog search")
     ev.add_argument("--dataset", type=Path)
     ev.add_argument("--target", default=ports.GATEWAY_ADDRESS)
     ev.add_argument("--out", type=Path)
@@ -31,8 +32,11 @@ def register(sub) -> None:
     ev.add_argument("--timeout", type=float)
     ev.add_argument("--max-new-tokens", type=int, help="override the study's answer length (e.g. for quick CPU runs)")
     ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("compare", nargs="*", metavar="compare RUN_A RUN_B",
-                    help="instead of running: show two runs side by side")
+    ev.add_argument("--rerank", type=int, default=10, help="eval search: also rerank the first N (0: no rerank runs)")
+    ev.add_argument("--modes", default="image,text,hybrid", help="eval search: which queries to run")
+    ev.add_argument("--keep", action="store_true", help="eval search: keep the indexed evaluation items")
+    ev.add_argument("compare", nargs="*", metavar="compare RUN_A RUN_B | search DATASET",
+                    help="instead of running: show two runs side by side, or evaluate catalog search")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -62,6 +66,17 @@ def cmd_eval(args) -> int:
     from shelfsight.errors import InvalidArgument
     from shelfsight.evaluation import run
 
+    if args.compare and args.compare[0] == "search":
+        from shelfsight.evaluation import search
+
+        if len(args.compare) != 2:
+            raise InvalidArgument("usage: shelfsight eval search DATASET [--out DIR] [--rerank N]")
+        out = args.out or Path("runs") / "search"
+        asyncio.run(search.run(Path(args.compare[1]), args.target, out, rerank=args.rerank,
+                               modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                               concurrency=args.concurrency, keep=args.keep, timeout=args.timeout))
+        print((out / "search-report.md").read_text(), end="")
+        return 0
     if args.compare:
         if len(args.compare) != 3 or args.compare[0] != "compare":
             raise InvalidArgument("usage: shelfsight eval compare RUN_A RUN_B")

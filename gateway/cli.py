@@ -8,9 +8,9 @@ import sys
 
 
 def add_gateway_flags(p) -> None:
-    from shelfsight.gateway.settings import CacheSettings, GatewaySettings
+    from shelfsight.gateway.settings import CacheSettings, GatewaySettings, SearchSettings
 
-    s, cache = GatewaySettings(), CacheSettings()
+    s, cache, search = GatewaySettings(), CacheSettings(), SearchSettings()
     p.add_argument("--host", default=s.host, help="address to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=s.port)
     p.add_argument("--metrics-port", type=int, default=s.metrics_port)
@@ -35,12 +35,17 @@ def add_gateway_flags(p) -> None:
                    help="seconds one Redis operation may take; past it the request goes on without the cache")
     p.add_argument("--redis-retry", type=float, default=cache.redis_retry,
                    help="seconds between probes of a Redis that failed (requests skip it meanwhile)")
+    p.add_argument("--catalog", metavar="URL", help="postgresql://... (with pgvector): the catalog that Search and "
+                   "Index use (`serve` starts one of its own when it serves an embedding model)")
+    p.add_argument("--catalog-name", default=search.catalog_name, help="one database may hold several catalogs")
+    p.add_argument("--query-instruction", default=search.query_instruction,
+                   help="the instruction search queries are embedded with (catalog items get the model's default)")
     p.add_argument("--shutdown-grace", type=float, default=s.shutdown_grace,
                    help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
 
-def settings_from(args, triton_url: str):
-    from shelfsight.gateway.settings import CacheSettings, GatewaySettings
+def settings_from(args, triton_url: str, catalog_url: str | None = None):
+    from shelfsight.gateway.settings import CacheSettings, GatewaySettings, SearchSettings
 
     return GatewaySettings(
         triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
@@ -50,7 +55,9 @@ def settings_from(args, triton_url: str):
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
                             max_difference=args.max_difference,
                             cache_sampled=args.cache_sampled, redis_url=args.redis,
-                            redis_timeout=args.redis_timeout, redis_retry=args.redis_retry))
+                            redis_timeout=args.redis_timeout, redis_retry=args.redis_retry),
+        search=SearchSettings(catalog_url=catalog_url or args.catalog, catalog_name=args.catalog_name,
+                              query_instruction=args.query_instruction))
 
 
 def register(sub) -> None:

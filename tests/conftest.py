@@ -156,8 +156,11 @@ def running_gateway(triton_url: str, wait_ready: bool = True, **overrides):
 
 
 @pytest.fixture(scope="session")
-def gateway(triton):
-    with running_gateway(triton.grpc_url) as gw:
+def gateway(triton, postgres):
+    """The session's gateway: in front of `triton`, with catalog search over `postgres`."""
+    from shelfsight.gateway.settings import SearchSettings
+
+    with running_gateway(triton.grpc_url, search=SearchSettings(catalog_url=postgres.url, catalog_name="session")) as gw:
         yield gw
 
 

@@ -315,3 +315,32 @@ def test_evaluate_scores_a_dataset_shows_the_report_and_compares_two_runs(page, 
     # the second run repeats the first's seeded questions: the same answers, so no difference
     assert "+0.0" in compared and "By category" in page.text("report-a") and "By category" in page.text("report-b")
     page.shot("evaluate")
+
+
+def test_search_tab_finds_an_indexed_product_by_photo_and_words(page, tmp_path):
+    from shelfsight.client import CatalogItem, ShelfsightClient
+
+    with ShelfsightClient(page.target) as c:
+        results = list(c.index([CatalogItem(f"ui-{i}", encode(photo(400, 320, seed=900 + i), "JPEG"),
+                                            ["Acme coffee jar", "Borealis tea box", "Cirrus kettle"][i],
+                                            {"brand": ["Acme", "Borealis", "Cirrus"][i]}) for i in range(3)]))
+    assert [r.status for r in results] == ["indexed"] * 3
+    img = tmp_path / "query.png"
+    img.write_bytes(encode(photo(400, 320, seed=901), "PNG"))
+    page.tab("Search")
+    wait_for(lambda: "items, embedded by" in page.text("catalog-info"), message="the index line")
+    page.upload("search-photo", img)
+    page.fill("search-top-k", "2")
+    page.click("search-button")
+    rows = wait_for(lambda: page.rows("search-table"), message="search results")
+    assert rows[0][1] == "ui-1" and len(rows) == 2, rows  # its own photo first
+    assert wait_for(lambda: page.d.execute_script("return document.querySelectorAll('#search-gallery img').length"),
+                    message="result thumbnails") == 2
+    assert "hits" in page.text("search-meta")
+    page.shot("search-by-photo")
+    page.fill("search-filters", "brand=Cirrus")
+    page.click("search-button")
+    wait_for(lambda: [r[1] for r in page.rows("search-table")] == ["ui-2"], message="a filtered search")
+    page.fill("search-filters", "brand")
+    page.click("search-button")
+    assert "is not KEY=VALUE" in wait_for(lambda: page.text("search-note"), message="a bad filter named")

@@ -1,5 +1,5 @@
-"""The Gradio page: Ask, History, Batch and Evaluate tabs wired to ui/ask.py, ui/batch.py and
-ui/evaluate.py. Every handler turns a failure into words on the page (ask.explain); none lets a stack
+"""The Gradio page: Ask, History, Batch, Search and Evaluate tabs wired to ui/ask.py, ui/batch.py,
+ui/search.py and ui/evaluate.py. Every handler turns a failure into words on the page (ask.explain); none lets a stack
 trace reach the browser. The page checks the gateway every few seconds and says when it is down.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from shelfsight.client.batch import DEFAULT_QUESTION as BATCH_QUESTION  # noqa: 
 from shelfsight.client.client import ShelfsightClient  # noqa: E402
 from shelfsight.evaluation.run import STUDY_SETTINGS  # noqa: E402
 from shelfsight.params import Limits  # noqa: E402
-from shelfsight.ui import ask, batch, evaluate  # noqa: E402
+from shelfsight.ui import ask, batch, evaluate, search  # noqa: E402
 from shelfsight.ui.settings import UISettings  # noqa: E402
 
 log = logging.getLogger("shelfsight.ui")
@@ -146,6 +146,17 @@ def build(settings: UISettings) -> gr.Blocks:
         yield (bar, batch.table(items, results, failures), note, gr.update(value=str(csv_path), interactive=True),
                gr.update(value=str(jsonl_path), interactive=True), folder)
 
+    # ---- Search ----
+    def run_search(path, text, top_k, filters, rerank):
+        try:
+            data = ask.read_photo(path) if path else None
+            if data:
+                ask.as_model_sees(data)  # a bad photo is named here, before the gateway is asked
+            found = search.search(target, data, text, top_k, filters, rerank, timeout=settings.timeout)
+        except Exception as e:  # noqa: BLE001
+            return [], [], "", _note(words(e))
+        return found.gallery, found.rows, found.meta, ""
+
     # ---- Evaluate ----
     def run_eval(data_dir, max_new_tokens):
         def pick():  # the newest run as B, the one before as A: ready to compare
@@ -233,6 +244,25 @@ def build(settings: UISettings) -> gr.Blocks:
                 with gr.Row():
                     csv_btn = gr.DownloadButton("Download CSV", interactive=False, elem_id="batch-csv")
                     jsonl_btn = gr.DownloadButton("Download JSONL", interactive=False, elem_id="batch-jsonl")
+            with gr.Tab("Search", id="search"):
+                catalog_line = gr.Markdown(elem_id="catalog-info")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        search_photo = photo_box(label="Search by photo (optional)", sources=["upload", "clipboard"],
+                                                 elem_id="search-photo", height=220)
+                    with gr.Column(scale=2):
+                        search_words = gr.Textbox(label="Search by words (optional)", elem_id="search-text")
+                        with gr.Row():
+                            search_k = gr.Number(label="hits", value=10, precision=0, elem_id="search-top-k")
+                            search_rerank = gr.Number(label="rerank the first N (0: off)", value=0, precision=0,
+                                                      elem_id="search-rerank")
+                        search_filters = gr.Textbox(label="Filters: key=value, comma-separated (e.g. brand=Acme)",
+                                                    elem_id="search-filters")
+                        search_go = gr.Button("Search", variant="primary", elem_id="search-button")
+                        search_note = gr.Markdown(elem_id="search-note", elem_classes="error-note")
+                search_meta = gr.Markdown(elem_id="search-meta")
+                search_gallery = gr.Gallery(label="Results", columns=5, height=260, elem_id="search-gallery")
+                search_tbl = gr.Dataframe(headers=search.COLUMNS, interactive=False, wrap=True, elem_id="search-table")
             with gr.Tab("Evaluate", id="evaluate"):
                 gr.Markdown("Score the served model on a dataset folder (`shelfsight dataset synth --out DIR` makes "
                             "one) with the study's settings, then compare two runs.")
@@ -266,6 +296,11 @@ def build(settings: UISettings) -> gr.Blocks:
         uploads.change(lambda: None, None, batch_folder, queue=False)  # new photos: a new batch
         batch_go.click(run_batch, [uploads, batch_q, *controls, batch_folder],
                        [progress, batch_tbl, batch_note, csv_btn, jsonl_btn, batch_folder], show_progress="hidden")
+        search_go.click(run_search, [search_photo, search_words, search_k, search_filters, search_rerank],
+                        [search_gallery, search_tbl, search_meta, search_note], show_progress_on=[search_tbl])
+        page.load(lambda: search.index_line(target, settings.timeout), outputs=catalog_line, show_progress="hidden")
+        search_go.click(lambda: search.index_line(target, settings.timeout), outputs=catalog_line,
+                        show_progress="hidden")
         eval_go.click(run_eval, [data_dir, eval_tokens], [eval_status, eval_report, run_a, run_b],
                       show_progress="hidden")
         cmp_go.click(run_compare, [run_a, run_b], [cmp_md, report_a, report_b], show_progress="hidden")
