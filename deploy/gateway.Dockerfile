@@ -7,13 +7,14 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/shelfsight
 COPY requirements/serve.txt requirements/serve.txt
 # One list of pins: take the gateway's packages from serve.txt rather than keeping a second copy.
-RUN grep -E '^(numpy|pillow|tritonclient|grpcio|grpcio-tools|grpcio-health-checking|grpcio-reflection|prometheus-client|imagehash|redis|tqdm)(\[.*\])?(==|>=)' \
+RUN grep -E '^(numpy|pillow|tritonclient|grpcio|grpcio-tools|grpcio-health-checking|grpcio-reflection|prometheus-client|imagehash|redis|tqdm|psycopg|psycopg-pool|pgvector)(\[.*\])?(==|>=)' \
         requirements/serve.txt > /tmp/gateway.txt \
     && pip install -r /tmp/gateway.txt
 COPY pyproject.toml README.md ./
 COPY shelfsight shelfsight
 COPY export export
 COPY gateway gateway
+COPY catalog catalog
 COPY client client
 COPY loadtest loadtest
 COPY ui ui

@@ -19,6 +19,7 @@ COPY pyproject.toml README.md ./
 COPY shelfsight shelfsight
 COPY export export
 COPY gateway gateway
+COPY catalog catalog
 COPY client client
 COPY loadtest loadtest
 COPY ui ui

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+
+CATALOG_ENV = "SHELFSIGHT_CATALOG_URL"
 
 
 def add_gateway_flags(p) -> None:
@@ -35,8 +38,10 @@ def add_gateway_flags(p) -> None:
                    help="seconds one Redis operation may take; past it the request goes on without the cache")
     p.add_argument("--redis-retry", type=float, default=cache.redis_retry,
                    help="seconds between probes of a Redis that failed (requests skip it meanwhile)")
-    p.add_argument("--catalog", metavar="URL", help="postgresql://... (with pgvector): the catalog that Search and "
-                   "Index use (`serve` starts one of its own when it serves an embedding model)")
+    p.add_argument("--catalog", metavar="URL", default=os.environ.get(CATALOG_ENV) or None,
+                   help=f"postgresql://... (with pgvector): the catalog that Search and Index use (default: "
+                        f"${CATALOG_ENV}, which keeps its password out of the process list; `serve` starts a "
+                        "catalog of its own when it serves an embedding model)")
     p.add_argument("--catalog-name", default=search.catalog_name, help="one database may hold several catalogs")
     p.add_argument("--query-instruction", default=search.query_instruction,
                    help="the instruction search queries are embedded with (catalog items get the model's default)")

@@ -94,7 +94,9 @@ def triton_flags(words: list[str]) -> dict[str, str]:
 
 
 def pod(docs, name: str) -> dict:
-    return docs["Deployment", name]["spec"]["template"]
+    """The pod template of the Deployment or StatefulSet `name`."""
+    found = docs.get(("Deployment", name)) or docs["StatefulSet", name]
+    return found["spec"]["template"]
 
 
 def container(docs, deployment: str, name: str, init: bool = False) -> dict:
@@ -208,11 +210,30 @@ def test_triton_probe_paths_answer_on_a_real_tritonserver(docs, triton):
             assert r.status == 200, path
 
 
+def test_the_catalog_keeps_its_data_and_its_password_out_of_the_repository(docs):
+    catalog = container(docs, "shelfsight-catalog", "postgres")
+    statefulset = docs["StatefulSet", "shelfsight-catalog"]["spec"]
+    (claim,) = statefulset["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] in {m["name"] for m in catalog["volumeMounts"]}
+    env = {e["name"]: e for e in catalog["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "shelfsight-catalog"
+    assert env["PGDATA"]["value"].startswith(next(m["mountPath"] for m in catalog["volumeMounts"]) + "/")
+    gateway = container(docs, "shelfsight-gateway", "gateway")
+    from shelfsight.gateway.cli import CATALOG_ENV
+
+    (url,) = [e for e in gateway["env"] if e["name"] == CATALOG_ENV]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "shelfsight-catalog", "key": "url"}
+    assert "--catalog" not in argv(gateway), "a URL in the args would show its password in the process list"
+    service = docs["Service", "shelfsight-catalog"]["spec"]
+    assert [p["port"] for p in service["ports"]] == [port_named(catalog, "postgres")]
+
+
 def test_only_the_gateway_reaches_triton_and_redis(docs):
     gateway_labels = pod(docs, "shelfsight-gateway")["metadata"]["labels"]
     tritonserver = container(docs, "shelfsight-triton", "triton")
     flags = triton_flags(argv(tritonserver))
-    for target, port in (("shelfsight-triton", int(flags["grpc-port"])), ("shelfsight-redis", 6379)):
+    for target, port in (("shelfsight-triton", int(flags["grpc-port"])), ("shelfsight-redis", 6379),
+                         ("shelfsight-catalog", 5432)):
         policy = docs["NetworkPolicy", target]["spec"]
         assert selects(policy["podSelector"], pod(docs, target)["metadata"]["labels"])
         allowed = {p["port"]: [f["podSelector"] for f in rule["from"]] for rule in policy["ingress"]
@@ -236,7 +257,7 @@ def test_autoscaler_and_disruption_budgets_point_at_real_pods(docs):
     for kind, name in docs:
         if kind == "Service":
             assert any(selects(docs[kind, name]["spec"]["selector"], pod(docs, d)["metadata"]["labels"])
-                       for k, d in docs if k == "Deployment"), name
+                       for k, d in docs if k in ("Deployment", "StatefulSet")), name
 
 
 def test_dashboard_and_alert_rules_ship_as_config_maps(docs):
