@@ -67,10 +67,10 @@ async def drive(images: list[bytes], concurrency: int, budget: bool) -> dict:
     from shelfsight.errors import InvalidArgument
     from shelfsight.gateway import cache
     from shelfsight.gateway.settings import CacheSettings
-    from shelfsight.gateway.validate import validate
+    from shelfsight.conversation import Conversation
+    from shelfsight.gateway.validate import Ask, validate
     from shelfsight.model.imaging import ImageLimits
     from shelfsight.params import GenerationParams, Limits
-    from shelfsight.protos import pb
 
     settings = CacheSettings() if budget else dataclasses.replace(CacheSettings(), decode_pixels=1 << 40)
     rc = cache.ResultCache(settings, cache.MemoryStore(settings.max_bytes))
@@ -81,12 +81,12 @@ async def drive(images: list[bytes], concurrency: int, budget: bool) -> dict:
         nonlocal refused
         async with gate:
             try:
-                c = validate(pb.RecognizeRequest(image=image, question=f"q{i}"), Limits(), ImageLimits(),
+                c = validate(Ask((image,), Conversation.ask(f"q{i}"), classic=True), Limits(), ImageLimits(),
                              GenerationParams())
             except InvalidArgument:
                 refused += 1
                 return
-            probe = cache.Probe(cache.make_key(image, c.question, "", {}, "bench", False), encoded=c.encoded)
+            probe = cache.Probe(cache.make_key(c.pictures, c.conversation, {}, "bench", False), encoded=c.encoded[0])
             if await rc.lookup(probe, image, lambda *_: None) is None:
                 await asyncio.sleep(0.05)  # the model call, during which the probe is held
                 await rc.put(probe, image, cache.CachedAnswer("answer", "bench", 1, 1, "stop", time.time()))

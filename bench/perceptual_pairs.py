@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shelfsight import synth  # noqa: E402
+from shelfsight.conversation import Conversation  # noqa: E402
 from bench import _families as pf  # noqa: E402
 from shelfsight.gateway import cache, likeness  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
@@ -162,7 +163,7 @@ VARIANTS = {
 async def perceptual_hit(settings: CacheSettings, stored: bytes, asked: bytes, timings: list) -> bool:
     """Store an answer for `stored`, then ask with `asked`: did the perceptual level answer?"""
     rc = cache.ResultCache(settings, cache.MemoryStore(settings.max_bytes))
-    key = lambda image: cache.make_key(image, "Read the label.", "", {"temperature": 0.0}, "bench", False)  # noqa: E731
+    key = lambda image: cache.make_key((image,), Conversation.ask("Read the label."), {"temperature": 0.0}, "bench", False)  # noqa: E731
     first = cache.Probe(key(stored))
     assert await rc.lookup(first, stored, lambda *_: None) is None
     await rc.put(first, stored, cache.CachedAnswer("label", "bench", 1, 1, "stop", time.time()))

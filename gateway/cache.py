@@ -1,10 +1,11 @@
 """The result cache: exact and perceptual, in memory or shared through Redis.
 
-Every key holds the model id, the normalized question and system prompt, the enhancement flag and the
-*effective* generation parameters (defaults filled in), so an answer is never reused for another model,
-question or setting: the failure peers shipped when they keyed on placeholder tokens (anchors.md).
+Every key holds the model id, the normalized conversation (every turn's texts, where its pictures go),
+the enhancement flag, the *effective* generation parameters (defaults filled in) and any stop sequences
+or response format, so an answer is never reused for another model, question or setting: the failure
+peers shipped when they keyed on placeholder tokens (anchors.md).
 
-    exact       sha256(image bytes) + context
+    exact       sha256 of every picture's bytes, in order + context
     perceptual  the same context, a pHash within `max_distance` bits and a colour layout within
                 `max_colour_distance` (see Signature) find *candidates*; one is served only when the
                 two pictures agree everywhere, pixel by pixel after alignment (see `difference`):
@@ -62,11 +63,14 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def make_key(image: bytes, question: str, system: str, params: dict, model_id: str, enhance: bool) -> CacheKey:
+def make_key(pictures, conversation, params: dict, model_id: str, enhance: bool, extra: dict | None = None) -> CacheKey:
+    """`conversation`: a shelfsight.conversation.Conversation; texts are compared normalized."""
+    turns = [[t.role, [None if p is None else normalize(p) for p in t.parts]] for t in conversation.turns]
     context = hashlib.sha256(json.dumps(
-        {"model": model_id, "question": normalize(question), "system": normalize(system or ""),
-         "params": params, "enhance": bool(enhance)}, sort_keys=True).encode()).hexdigest()
-    exact = hashlib.sha256(hashlib.sha256(image).digest() + context.encode()).hexdigest()
+        {"model": model_id, "turns": turns, "params": params, "enhance": bool(enhance), **(extra or {})},
+        sort_keys=True).encode()).hexdigest()
+    pictures_digest = b"".join(hashlib.sha256(p).digest() for p in pictures)
+    exact = hashlib.sha256(pictures_digest + context.encode()).hexdigest()
     return CacheKey(exact=exact, context=context)
 
 
@@ -259,6 +263,7 @@ class Probe:
     signature: Signature | None = None
     picture: object = None  # the decoded picture (Pillow RGB, <= KEEP_SIDE) while candidates are checked
     thumb: bytes | None = None  # the encoded thumbnail, kept from a miss until the answer is stored
+    perceptual: bool = True  # False: exact only (a request with several pictures, or none)
 
     @property
     def cost(self) -> int:
@@ -340,7 +345,7 @@ class ResultCache:
         on_result("exact", raw is not None)
         if raw is not None:
             return CachedAnswer.decode(raw), "exact"
-        if not self.settings.perceptual or not getattr(self.store, "up", True):
+        if not (self.settings.perceptual and probe.perceptual) or not getattr(self.store, "up", True):
             return None  # (a shared store that is down has no candidates: decoding would be wasted)
         try:
             await self._decode(probe, image)
@@ -373,7 +378,7 @@ class ResultCache:
             return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
-        if self.settings.perceptual and getattr(self.store, "up", True):
+        if self.settings.perceptual and probe.perceptual and getattr(self.store, "up", True):
             try:
                 if probe.signature is None:  # not looked up (REFRESH): decode now
                     await self._decode(probe, image)

@@ -11,7 +11,7 @@ from typing import Any
 from shelfsight.errors import InvalidArgument, ShelfsightError
 from shelfsight.gateway.malformed import Malformed
 from shelfsight.gateway.search import IndexEntry, SearchQuery, SearchService
-from shelfsight.gateway.service import CALL_LOG
+from shelfsight.gateway.answers import CALL_LOG
 from shelfsight.gateway.validate import request_id
 from shelfsight.protos import pb, pb_grpc
 

@@ -23,7 +23,8 @@ from shelfsight.gateway.malformed import Malformed, lenient
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas, parse_targets
 from shelfsight.gateway.resilient import GuardedStore, open_store
-from shelfsight.gateway.service import CALL_LOG, ProductVisionService
+from shelfsight.gateway.answers import CALL_LOG, Answers
+from shelfsight.gateway.vision_grpc import ProductVisionServicer
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.tasks import Background
 from shelfsight.gateway.catalog_grpc import CatalogServicer
@@ -163,7 +164,7 @@ class Gateway:
                                  dns=settings.triton_dns, dns_interval=settings.dns_interval)
         self.cache_store = open_store(settings.cache, self.metrics, self._on_cache)
         self.cache = ResultCache(settings.cache, self.cache_store)
-        self.service = ProductVisionService(settings, self.upstream, self.cache, self.metrics)
+        self.answers = Answers(settings, self.upstream, self.cache, self.metrics)
         self.search = SearchService(settings, self.upstream, self.cache_store, self.metrics, self._on_catalog)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -202,8 +203,9 @@ class Gateway:
             await self.cache_store.start()
         self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics)],
                                       options=[("grpc.max_receive_message_length", 64 << 20)])
-        pb_grpc.add_ProductVisionServicer_to_server(self.service, self.server)
-        pb_grpc.add_CatalogServicer_to_server(CatalogServicer(self.search, self.service.deadline), self.server)
+        pb_grpc.add_ProductVisionServicer_to_server(ProductVisionServicer(self.answers), self.server)
+        pb_grpc.add_CatalogServicer_to_server(
+            CatalogServicer(self.search, lambda context: self.answers.deadline(context.time_remaining())), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, CATALOG, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

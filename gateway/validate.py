@@ -1,38 +1,61 @@
-"""The gateway's request check: a RecognizeRequest and what the served model allows in, a `Checked`
-request or an InvalidArgument naming the field and the rule out.
+"""The gateway's request check: an `Ask` (what any face read from its wire format) and what the served
+model allows in, a `Checked` request or an InvalidArgument naming the field and the rule out.
 
 Pure: no Triton, no metrics, no logging, no clock or randomness - the same request and limits always
-give the same result, so every rule is unit-tested on its own (tests/test_validate.py). The service
-(gateway/service.py) asks the replicas for the limits, calls this, and does the accounting itself.
+give the same result, so every rule is unit-tested on its own (tests/test_validate.py). The faces
+(gateway/vision_grpc.py, gateway/http_face.py) build the Ask; the core (gateway/answers.py) asks the
+replicas for the limits, calls this, and does the accounting itself.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from shelfsight import params
+from shelfsight.conversation import Conversation
 from shelfsight.errors import InvalidArgument
 from shelfsight.model import imaging
 from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
-from shelfsight.protos import pb
 
 REQUEST_ID = re.compile(r"[\w.:/+=@-]{1,128}")  # fullmatch: "$" would let a trailing newline into the log
-# The policies the proto names (USE, SKIP, REFRESH): an old or hostile client can send any int32.
-POLICIES = {value: name.removeprefix("CACHE_POLICY_") for name, value in pb.CachePolicy.items()}
+POLICIES = ("use", "skip", "refresh")  # what a request may ask of the cache
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A request as a face read it, before any check: the pictures (encoded files, in the order the
+    conversation places them), the conversation, and the generation parameters the client set."""
+    pictures: tuple[bytes, ...]
+    conversation: Conversation
+    params: dict[str, Any] = field(default_factory=dict)  # params.FIELDS the client set; the rest take defaults
+    policy: str = "use"
+    enhance: bool = False
+    request_id: str = ""
+    stop: tuple[str, ...] = ()
+    response_format: Any = None  # a shelfsight.formats.ResponseFormat, or None
+    classic: bool = False  # read from image + question + system_prompt: errors name those fields
 
 
 @dataclass(frozen=True)
 class Checked:
     """A request the gateway accepted: its parameters resolved (defaults filled in)."""
-    image: bytes
-    question: str
-    system: str
+    pictures: tuple[bytes, ...]
+    conversation: Conversation
     params: GenerationParams
     enhance: bool
-    policy: int
-    request_id: str | None  # None: the client sent none (the service names the call)
-    encoded: imaging.Encoded | None = None  # format and pixel size from the header (what decoding costs)
+    policy: str  # use | skip | refresh
+    request_id: str | None  # None: the client sent none (the core names the call)
+    encoded: tuple[imaging.Encoded, ...] = ()  # per picture: format and size from the header (what decoding costs)
+    stop: tuple[str, ...] = ()
+    response_format: Any = None
+
+    @property
+    def image(self) -> bytes | None:
+        """The picture, when there is exactly one (the perceptual cache compares one picture)."""
+        return self.pictures[0] if len(self.pictures) == 1 else None
 
 
 def request_id(given: str) -> str | None:
@@ -42,19 +65,48 @@ def request_id(given: str) -> str | None:
     return given or None
 
 
-def validate(request, limits: Limits, image_limits: ImageLimits, defaults: GenerationParams) -> Checked:
-    """`request` (pb.RecognizeRequest) checked against the served model's text and image limits,
-    its absent generation parameters taken from `defaults`. Raises InvalidArgument, the first rule
-    broken: request id, image, question, system prompt, generation parameters, cache policy."""
-    rid = request_id(request.request_id)
-    # The bytes and the header alone (empty, too large, not a known format, too many pixels, a header
-    # that goes on for ever): decoding is Triton's preprocess step, and the perceptual cache's.
-    encoded = imaging.check_encoded(request.image, image_limits)
-    params.check_text("question", request.question, limits.max_question_chars, required=True)
-    params.check_text("system_prompt", request.system_prompt, limits.max_system_chars, required=False)
-    p = request.parameters
-    effective = params.resolve(defaults, limits, **{f: getattr(p, f) for f in params.FIELDS if p.HasField(f)})
-    if request.cache_policy not in POLICIES:
-        raise InvalidArgument(f"cache_policy {request.cache_policy} is not one of {', '.join(POLICIES.values())}")
-    return Checked(request.image, request.question, request.system_prompt, effective, request.enhance,
-                   request.cache_policy, rid, encoded)
+def _pictures(ask: Ask, image_limits: ImageLimits) -> tuple[imaging.Encoded, ...]:
+    """Each picture's bytes and header (empty, too large, not a known format, too many pixels, a header
+    that goes on for ever): decoding is Triton's preprocess step, and the perceptual cache's."""
+    n = len(ask.pictures)
+    if ask.classic:
+        return (imaging.check_encoded(ask.pictures[0], image_limits),)
+    out = []
+    for i, picture in enumerate(ask.pictures):
+        try:
+            out.append(imaging.check_encoded(picture, image_limits))
+        except InvalidArgument as e:
+            raise InvalidArgument(f"picture {i + 1} of {n}: {e.message}" if n > 1 else e.message) from None
+    return tuple(out)
+
+
+def check_stop(stop: tuple[str, ...]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOPS:
+        raise InvalidArgument(f"stop holds {len(stop)} sequences; at most {MAX_STOPS}")
+    for s in stop:
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"each stop sequence must be 1-{MAX_STOP_CHARS} characters, got {len(s)}")
+    return tuple(stop)
+
+
+def validate(ask: Ask, limits: Limits, image_limits: ImageLimits, defaults: GenerationParams) -> Checked:
+    """`ask` checked against the served model's text and image limits, its absent generation
+    parameters taken from `defaults`. Raises InvalidArgument, the first rule broken: request id,
+    pictures, texts, generation parameters, cache policy, stop sequences."""
+    rid = request_id(ask.request_id)
+    conv = ask.conversation
+    if ask.classic:
+        encoded = _pictures(ask, image_limits)
+        question, system = conv.classic() or ("", None)
+        params.check_text("question", question, limits.max_question_chars, required=True)
+        params.check_text("system_prompt", system or "", limits.max_system_chars, required=False)
+    else:
+        conv.check(limits)
+        if conv.pictures != len(ask.pictures):
+            raise InvalidArgument(f"messages place {conv.pictures} pictures; {len(ask.pictures)} were sent")
+        encoded = _pictures(ask, image_limits)
+    effective = params.resolve(defaults, limits, **ask.params)
+    if ask.policy not in POLICIES:
+        raise InvalidArgument(f"cache_policy {ask.policy} is not one of {', '.join(p.upper() for p in POLICIES)}")
+    return Checked(tuple(ask.pictures), conv, effective, bool(ask.enhance), ask.policy, rid, encoded,
+                   check_stop(tuple(ask.stop)), ask.response_format)

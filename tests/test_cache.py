@@ -5,6 +5,8 @@ import asyncio
 import io
 
 import pytest
+
+from shelfsight.conversation import ASSISTANT, PICTURE, USER, Conversation, Turn
 from PIL import Image
 
 from shelfsight.gateway.cache import MemoryStore, make_key
@@ -46,16 +48,32 @@ def test_signature_round_trips_through_text():
     assert type(s).decode(s.encode()) == s and len(s.colour) == 48 and s.phash.bit_length() <= 256
 
 
+def key(image=b"img", question="What brand?", system="", params=None, model_id="m@1", enhance=False, extra=None,
+        pictures=None, conversation=None):
+    return make_key(pictures or (image,), conversation or Conversation.ask(question, system or None),
+                    params or {"temperature": 0.0}, model_id, enhance, extra)
+
+
 def test_keys_cover_model_question_system_parameters_and_enhancement():
-    base = dict(image=b"img", question="What brand?", system="", params={"temperature": 0.0}, model_id="m@1",
-                enhance=False)
-    k = make_key(**base)
-    assert make_key(**(base | {"question": "  What   brand? "})) == k  # whitespace is not a question
+    k = key()
+    assert key(question="  What   brand? ") == k  # whitespace is not a question
     for change in ({"question": "what brand?"}, {"system": "Be brief."}, {"params": {"temperature": 0.1}},
-                   {"model_id": "m@2"}, {"enhance": True}):
-        assert make_key(**(base | change)).context != k.context, change
-    assert make_key(**(base | {"image": b"other"})).exact != k.exact
-    assert make_key(**(base | {"image": b"other"})).context == k.context
+                   {"model_id": "m@2"}, {"enhance": True}, {"extra": {"stop": ["\n"]}}):
+        assert key(**change).context != k.context, change
+    assert key(image=b"other").exact != k.exact
+    assert key(image=b"other").context == k.context
+
+
+def test_keys_cover_every_picture_and_turn_in_order():
+    two = Conversation.ask("Same product?", pictures=2)
+    k = key(pictures=(b"a", b"b"), conversation=two)
+    assert key(pictures=(b"b", b"a"), conversation=two).exact != k.exact  # the order of pictures counts
+    assert key(pictures=(b"a", b"b", b"c"), conversation=Conversation.ask("Same product?", pictures=3)) != k
+    turns = Conversation((Turn(USER, (PICTURE, "What is this?")), Turn(ASSISTANT, ("A mug.",)),
+                          Turn(USER, ("Which brand?",))))
+    other = Conversation((Turn(USER, (PICTURE, "What is this?")), Turn(ASSISTANT, ("A jar.",)),
+                          Turn(USER, ("Which brand?",))))
+    assert key(conversation=turns).context != key(conversation=other).context  # an earlier turn counts
 
 
 def test_memory_store_bounds_bytes_ttl_and_lru():

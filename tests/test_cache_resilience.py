@@ -13,6 +13,7 @@ import time
 import pytest
 
 from shelfsight.client import AsyncShelfsightClient, ShelfsightClient
+from shelfsight.conversation import Conversation
 from shelfsight.gateway.cache import RedisStore
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.resilient import GuardedStore
@@ -281,7 +282,7 @@ def test_pictures_are_not_decoded_for_a_store_that_is_down():
     async def scenario():
         store, _ = guarded(f"redis://127.0.0.1:{free_port()}/0")
         rc = cache_module.ResultCache(CacheSettings(), store)
-        key = cache_module.make_key(a, "q", "", {}, "m", False)
+        key = cache_module.make_key((a,), Conversation.ask("q"), {}, "m", False)
         try:
             await store.get("probe")  # refused: the store is down from here on
             assert not store.up

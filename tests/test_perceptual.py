@@ -13,6 +13,7 @@ import pytest
 
 from bench import _families as pf
 from bench import perceptual_pairs as pp
+from shelfsight.conversation import Conversation
 from shelfsight.gateway import cache, likeness
 from shelfsight.gateway.settings import CacheSettings
 from tests.test_gateway import redis_url  # noqa: F401  (fixture: a real redis-server on a free port)
@@ -44,7 +45,7 @@ def text_pairs() -> list[tuple[bytes, bytes]]:
 
 async def served(rc: cache.ResultCache, stored: bytes, asked: bytes, question="Read the label.") -> str | None:
     """Store an answer for `stored` as the gateway does after a miss, then ask with `asked`."""
-    key = lambda image: cache.make_key(image, question, "", {"temperature": 0.0}, "m@1", False)  # noqa: E731
+    key = lambda image: cache.make_key((image,), Conversation.ask(question), {"temperature": 0.0}, "m@1", False)  # noqa: E731
     probe = cache.Probe(key(stored))
     if await rc.lookup(probe, stored, lambda *_: None) is None:
         await rc.put(probe, stored, cache.CachedAnswer(f"answer for {len(stored)}", "m@1", 1, 1, "stop", time.time()))
@@ -81,7 +82,7 @@ def test_the_right_candidate_among_look_alikes_is_found():
         rc = memory_cache()
         await served(rc, a, a)
         await served(rc, b, b)
-        key = cache.make_key(b_copy, "Read the label.", "", {"temperature": 0.0}, "m@1", False)
+        key = cache.make_key((b_copy,), Conversation.ask("Read the label."), {"temperature": 0.0}, "m@1", False)
         found = await rc.lookup(cache.Probe(key), b_copy, lambda *_: None)
         return found[0].text
     assert asyncio.run(scenario()) == f"answer for {len(b)}"

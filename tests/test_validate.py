@@ -1,6 +1,7 @@
 """The gateway's request check as the pure function it is: every rule and its message, in milliseconds.
-No Triton and no gateway: a RecognizeRequest and limits in, a Checked request or an InvalidArgument out
-(tests/test_gateway.py checks that the service turns that into INVALID_ARGUMENT on the wire)."""
+No Triton and no gateway: a RecognizeRequest (read by the gRPC face into an Ask) and limits in, a Checked
+request or an InvalidArgument out (tests/test_gateway.py checks that the service turns that into
+INVALID_ARGUMENT on the wire)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,9 @@ import pytest
 
 from shelfsight import params
 from shelfsight.errors import InvalidArgument
+from shelfsight.conversation import Conversation
 from shelfsight.gateway.validate import Checked, request_id, validate
+from shelfsight.gateway.vision_grpc import ask_of
 from shelfsight.model import qwen
 from shelfsight.model.imaging import Encoded, ImageLimits
 from shelfsight.params import GenerationParams, Limits
@@ -29,26 +32,26 @@ def request(**fields) -> pb.RecognizeRequest:
 
 
 def check(**fields) -> Checked:
-    return validate(request(**fields), LIMITS, IMAGE_LIMITS, DEFAULTS)
+    return validate(ask_of(request(**fields)), LIMITS, IMAGE_LIMITS, DEFAULTS)
 
 
 def refused(**fields) -> str:
     with pytest.raises(InvalidArgument) as info:
-        check(**fields)
+        check(**fields)  # the face's reading and the check: both may refuse
     return info.value.message
 
 
 def test_a_plain_request_takes_every_default():
     c = check(system_prompt="Be brief.", enhance=True)
-    assert c == Checked(PHOTO, "What brand is this?", "Be brief.", DEFAULTS, True, pb.CACHE_POLICY_USE, None,
-                        Encoded("PNG", 64, 48))
+    assert c == Checked((PHOTO,), Conversation.ask("What brand is this?", "Be brief."), DEFAULTS, True, "use", None,
+                        (Encoded("PNG", 64, 48),))
 
 
 def test_given_parameters_replace_only_their_defaults():
     c = check(parameters=pb.GenerationParameters(temperature=0.0, seed=7, top_k=0),
               cache_policy=pb.CACHE_POLICY_REFRESH, request_id="order-17/item:3")
     assert c.params == dataclasses.replace(DEFAULTS, temperature=0.0, seed=7, top_k=0)
-    assert (c.policy, c.request_id) == (pb.CACHE_POLICY_REFRESH, "order-17/item:3")
+    assert (c.policy, c.request_id) == ("refresh", "order-17/item:3")
 
 
 def test_the_same_request_gives_the_same_result():
@@ -115,8 +118,9 @@ def test_text_rules(case):
 
 def test_texts_at_their_limits_and_an_empty_system_prompt_pass():
     c = check(question="q" * 100, system_prompt="s" * 50)
-    assert (len(c.question), len(c.system)) == (100, 50)
-    assert check(system_prompt="").system == ""
+    question, system = c.conversation.classic()
+    assert (len(question), len(system)) == (100, 50)
+    assert check(system_prompt="").conversation.classic() == ("What brand is this?", None)
 
 
 def test_every_control_token_is_refused():
@@ -169,11 +173,45 @@ def test_rules_apply_in_a_fixed_order():
     for named, field in order:
         assert refused(**broken).startswith(named)
         del broken[field]  # mended: the next rule speaks
-    assert check(**broken).question == "What brand is this?"
+    assert check(**broken).conversation.classic()[0] == "What brand is this?"
 
 
 def test_fields_are_the_proto_and_the_engine_parameters():
     """params.FIELDS, the one list the gateway reads, is the proto's GenerationParameters and every
     GenerationParams field a request may set (ignore_eos is for benchmarks only)."""
-    assert list(params.FIELDS) == [f.name for f in pb.GenerationParameters.DESCRIPTOR.fields]
+    scalars = [f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.name != "stop"]  # stop: its own rule
+    assert list(params.FIELDS) == scalars
     assert set(params.FIELDS) == {f.name for f in dataclasses.fields(GenerationParams)} - {"ignore_eos"}
+
+
+def conversation_request(**fields) -> pb.RecognizeRequest:
+    two = [pb.Message(role="user", content=[pb.Part(image=PHOTO), pb.Part(image=PHOTO), pb.Part(text="Same product?")])]
+    return pb.RecognizeRequest(**(dict(messages=two) | fields))
+
+
+def test_a_conversation_carries_its_pictures_in_order():
+    c = validate(ask_of(conversation_request()), LIMITS, IMAGE_LIMITS, DEFAULTS)
+    assert c.pictures == (PHOTO, PHOTO) and c.conversation.pictures == 2 and c.image is None
+    assert len(c.encoded) == 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(question="q"), "messages carries the whole conversation: leave image, question and system_prompt empty"),
+    (dict(messages=[pb.Message(role="user", content=[pb.Part(image=PHOTO), pb.Part(image=b"junk"), pb.Part(text="q")])]),
+     "picture 2 of 2: image is not a supported format"),
+    (dict(messages=[pb.Message(role="user", content=[pb.Part(text="q")]), pb.Message(role="assistant",
+                                                                                    content=[pb.Part(text="a")])]),
+     "the last turn must be the user's"),
+    (dict(messages=[pb.Message(role="user", content=[pb.Part()])]), r"messages\[0\].content\[0\] is neither text nor image"),
+])
+def test_conversation_rules(fields, message):
+    with pytest.raises(InvalidArgument, match=message):
+        validate(ask_of(conversation_request(**fields)), LIMITS, IMAGE_LIMITS, DEFAULTS)
+
+
+@pytest.mark.parametrize("stop, message", [(["a"] * 5, "stop holds 5 sequences; at most 4"),
+                                           ([""], "each stop sequence must be 1-64 characters, got 0"),
+                                           (["x" * 65], "each stop sequence must be 1-64 characters, got 65")])
+def test_stop_sequences(stop, message):
+    assert refused(parameters=pb.GenerationParameters(stop=stop)) == message
+    assert check(parameters=pb.GenerationParameters(stop=["\n\n", "END"])).stop == ("\n\n", "END")
