@@ -107,7 +107,9 @@ def uniform(seed: torch.Tensor, position: torch.Tensor, token: torch.Tensor) -> 
     """U(0, 1) noise [B, K] that depends only on (seed [B], position [B], token id [B, K])."""
     h = _mix32((seed & _M32) ^ _mix32(((seed >> 32) & _M32) ^ _mix32(position & _M32)))
     h = _mix32(h[:, None] ^ token)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 24 bits -> (0, 1). The top value, (2^24 - 0.5) / 2^24, rounds to 1.0 in float32, whose Gumbel
+    # noise is +inf: on a token already ruled out (-inf) that makes NaN, which wins the argmax
+    return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=1.0 - 2.0 ** -24)
 
 
 def sample(logits: torch.Tensor, seen: torch.Tensor, p: RowParams, position: torch.Tensor,
