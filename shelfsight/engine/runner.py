@@ -12,7 +12,7 @@ one copy, the step's only sync. Steps are launched one ahead: the next step need
 and the tokens already on the device, so the host streams step t while the device runs step t+1.
 
 A batch with constrained rows (structured answers) splits each step in two: the forward (it needs only
-the device's tokens) is launched first and leaves its logits [S+1, V] in `step_logits`; its sampling needs
+the device's tokens) is launched first and leaves its logits [B, V] in `step_logits`; its sampling needs
 the rows' grammar masks, which need step t's tokens, so it is launched once the host has read those,
 advanced the grammars and written the masks into `bitmask` [S+1, ceil(V/32)] int32. On a GPU that
 host work overlaps the forward. Batches without constrained rows run the whole step as before.
@@ -79,12 +79,15 @@ class SlotRunner:
             self.tokens = torch.zeros(S + 1, dtype=torch.int64, device=dev)
             self.out = torch.zeros(S + 1, dtype=torch.int64, device=dev)
             self.seen = torch.zeros(S + 1, vocab, dtype=torch.bool, device=dev)
-            self.step_logits = torch.zeros(S + 1, vocab, dtype=torch.float32, device=dev)  # split steps only
             self.bitmask = torch.full((S + 1, (vocab + 31) // 32), -1, dtype=torch.int32, device=dev)
             self.params = sampling.RowParams.empty(S + 1, dev)
             self.meta = torch.zeros(4, S + 1, dtype=torch.int64, device=dev)
             self._true = torch.ones(S + 1, dtype=torch.bool, device=dev)
         self.cuda = cuda = dev.type == "cuda"
+        # a split step's logits between its halves: on CUDA a static buffer (a graph's own output lives
+        # in the shared pool, where the next graph may write), on CPU the forward's tensor itself
+        self.step_logits = torch.zeros(S + 1, vocab, dtype=torch.float32, device=dev) if cuda else None
+        self._cpu_logits: torch.Tensor | None = None
         # two of each host buffer: step t+1 is launched before step t's tokens are read, so the host
         # writes one while the device may still copy from / into the other
         self.meta_hosts = [torch.zeros(4, S + 1, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
@@ -158,13 +161,16 @@ class SlotRunner:
         left in `step_logits`. "masked": sampling of `step_logits` under `bitmask` (L unused)."""
         m = self.meta[:, :B]
         if variant == "masked":
-            logits = self.step_logits[:B]
+            logits = self.step_logits[:B] if self.cuda else self._cpu_logits
             bias = sampling.bitmask_bias(self.bitmask[:B], logits.shape[-1])
             tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], False, bias)
         else:
             logits = self.decoder.forward(self.tokens[:B], m[CACHE_POS], m[ROPE_POS], m[WRITE_SLOT], m[KV_LEN], L)
             if variant == "forward":
-                self.step_logits[:B].copy_(logits)
+                if self.cuda:
+                    self.step_logits[:B].copy_(logits)
+                else:
+                    self._cpu_logits = logits
                 return
             # the new token's index in its sequence (= kv_len) keys the sampling noise
             tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], variant)

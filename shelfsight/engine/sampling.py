@@ -136,7 +136,7 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, p: RowParams, position: tor
     `bias` [B, V]: constrained rows' allowed tokens (bitmask_bias)."""
     logits = penalize(logits, seen, p.penalty)
     if bias is not None:
-        logits = logits + bias
+        logits.add_(bias)  # in place: penalize() returned a new tensor
     best = logits.argmax(-1)
     if greedy_only:
         return best
