@@ -195,7 +195,7 @@ def _bounded_string(n: int, what: str) -> dict:
     return {"type": "string", "description": f"{what}, at most {n} characters", "pattern": f"^{_CHAR}{{0,{n}}}$"}
 
 
-PRODUCT_SCHEMA: dict = {
+PRODUCT_SCHEMA: dict = {  # read-only: PRODUCT is its canonical form
     "type": "object",
     "properties": {
         "category": {"type": "string", "enum": list(CATEGORIES)},

@@ -310,3 +310,17 @@ def test_cancelled_constrained_rows_release_their_grammar(stack):
     after = finished([ask(engine, prompts[0], hot(3), PRODUCT)])[0]
     assert after.finish == "stop" and valid(PRODUCT_SCHEMA, after.text)
     assert engine.load() == (0, 0) and not engine.batch.rows()
+
+
+def test_free_batches_run_the_whole_step_as_before(stack, monkeypatch):
+    """Once no running row is constrained, steps are not split (same graph, same code path)."""
+    _, engines, prompts = stack
+    engine = engines["slots"]
+    finished([ask(engine, prompts[0], hot(1), PRODUCT)])
+
+    def split(*_):
+        raise AssertionError("a free batch was split")
+
+    monkeypatch.setattr(engine.runner, "launch_forward", split)
+    free = finished([ask(engine, x, GenerationParams(max_new_tokens=8, temperature=0.0)) for x in prompts])
+    assert all(s.usage[1] == 8 or s.finish == "stop" for s in free)
