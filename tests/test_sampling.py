@@ -78,6 +78,18 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     assert alone != [run(1, [43], t)[0] for t in range(40)]
 
 
+def test_noise_never_reaches_one():
+    """Token 15,340,575 at seed 0, position 0 hashes to the top 24-bit value: its noise must stay below 1
+    (at 1.0 the Gumbel noise is +inf, and +inf on a ruled-out token is NaN, which argmax picks)."""
+    u = sampling.uniform(torch.tensor([0]), torch.tensor([0]), torch.tensor([[15_340_575, 7]]))
+    assert float(u[0, 0]) == 1.0 - 2.0 ** -24 and 0.0 < float(u[0, 1]) < 1.0
+    logits = torch.full((1, 15_340_576), float("-inf"))
+    logits[0, 7] = 0.0  # the only allowed token, beside the one whose noise is the largest
+    p = params([GenerationParams(temperature=1.0, top_k=0, top_p=1.0)], [0])
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    assert sampling.sample(logits, seen, p, torch.tensor([0]), False).tolist() == [7]
+
+
 def test_sampled_frequencies_follow_the_distribution():
     """Gumbel-max over hashed noise samples softmax(logits / T): check the frequencies of 4 tokens."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4).contiguous()

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from shelfsight.errors import ShelfsightError
+from shelfsight.formats import ResponseFormat
 from shelfsight.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,9 @@ class Sink(Protocol):
     def is_cancelled(self) -> bool: ...
 
     def send(self, delta: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> None:
-        """A text delta; finish_reason ("stop" | "length") marks the last call."""
+        """A text delta; finish_reason marks the last call: "stop" (a stop token; with a response
+        format, the answer is complete and matches it) or "length" (max_new_tokens reached; a
+        constrained answer is then a prefix of a matching one, e.g. JSON cut off mid-object)."""
 
     def fail(self, error: ShelfsightError) -> None: ...
 
@@ -58,10 +61,12 @@ class Request(Prompt):
     params: GenerationParams = None
     sink: Sink = None
     arrival: float = field(default_factory=time.perf_counter)
+    response_format: ResponseFormat | None = None  # the answer's required shape (shelfsight.formats)
+    grammar: object | None = field(default=None, repr=False)  # its compiled form: set by Engine.submit
 
     @classmethod
-    def of(cls, inputs, params: GenerationParams, sink: Sink) -> "Request":
-        return cls(*cls.tensors(inputs), params, sink)
+    def of(cls, inputs, params: GenerationParams, sink: Sink, response_format: ResponseFormat | None = None) -> "Request":
+        return cls(*cls.tensors(inputs), params, sink, response_format=response_format)
 
 
 class Observer:

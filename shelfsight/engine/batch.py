@@ -25,6 +25,12 @@ class Row:
     first_token_at: float | None = None
     pending: str = ""  # text decoded but not yet sent (see OutputStage: responses are paced)
     last_sent: float = 0.0
+    matcher: object | None = None  # a constrained row's grammar state (engine/grammar.py); None when free
+
+    @property
+    def grammar_ended(self) -> bool:
+        """The row's grammar accepted a stop token: its answer is complete."""
+        return self.matcher is not None and self.matcher.is_terminated()
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,3 +68,7 @@ class Batch:
 
     def greedy(self) -> bool:
         return all(r.req.params.greedy for r in self._rows.values())
+
+    def constrained(self) -> bool:
+        """Some row follows a grammar (its steps are split; see runner.py)."""
+        return any(r.matcher is not None for r in self._rows.values())

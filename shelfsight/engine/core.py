@@ -8,6 +8,11 @@ the next step instead of waiting for a whole batch to end.
 
 Runners: `slots` (default; fixed KV slots, compact decoder, CUDA graphs on GPU) and `reference`
 (transformers' forward over a DynamicCache), selected by EngineConfig.runner.
+
+Structured answers: a request with a response format gets its grammar compiled in submit() (the
+caller's thread; cached by the format's text) and a matcher at admission. While any running row is
+constrained, each step is split (runner.py): the forward is launched, then step t's tokens are read,
+the grammars advanced, the next masks filled, and only then the sampling launched.
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from shelfsight.engine.api import Observer, Request, SafeObserver
 from shelfsight.engine.batch import Batch, Row
 from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.detokenize import IncrementalDetokenizer
+from shelfsight.engine.grammar import Grammars, RowMasks
 from shelfsight.engine.output import CANCELLED, OutputStage
 from shelfsight.engine.prefill import VisionCache, prefill, vision
+from shelfsight.engine.runner import Forwarded
 from shelfsight.engine.scheduler import Scheduler
-from shelfsight.errors import InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.formats import ResponseFormat
 from shelfsight.model import qwen
 
 log = logging.getLogger(__name__)
@@ -84,6 +92,10 @@ class Engine:
         self._stop = False
         self._abort = False
         self._thread: threading.Thread | None = None
+        # built on the first constrained request (the vocabulary takes ~1 s), not at start
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
+        self._masks: RowMasks | None = None  # engine thread only
 
     # ---- public API (any thread) ----
     def start(self) -> None:
@@ -109,8 +121,13 @@ class Engine:
                 self._thread.join()
 
     def submit(self, req: Request) -> None:
-        """Queue a request. Raises InvalidArgument for inconsistent inputs, ResourceExhausted when full."""
+        """Queue a request. Raises InvalidArgument for inconsistent inputs or a response format that
+        does not compile, ResourceExhausted when full. Compiles the format here, on the caller's thread."""
         self._validate(req)
+        if req.response_format is not None:
+            if not isinstance(req.response_format, ResponseFormat):
+                raise InvalidArgument("response_format must be a shelfsight.formats.ResponseFormat")
+            req.grammar = self.grammars().compile(req.response_format)
         with self._cv:
             if self._stop:
                 raise Unavailable("the engine is shutting down")
@@ -122,6 +139,16 @@ class Engine:
         with self._cv:
             return self.scheduler.running, len(self.scheduler.waiting)
 
+    def grammars(self) -> Grammars:
+        """The engine's compiled response formats (the vocabulary is read on the first call, ~1 s)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                try:
+                    self._grammars = Grammars(self.tokenizer, self.model.lm_head.weight.shape[0])
+                except ImportError as e:
+                    raise FailedPrecondition(f"structured answers need xgrammar: {e}") from None
+            return self._grammars
+
     def _validate(self, req: Request) -> None:
         check_inputs(req, self.merge_size)
         total = req.input_ids.numel() + req.params.max_new_tokens
@@ -132,7 +159,8 @@ class Engine:
     # ---- engine thread ----
     def _loop(self) -> None:
         """Each turn: admit and prefill, launch the next decode step, then stream the previous step's
-        tokens while the device computes (a row that finished there got one more, unused, token)."""
+        tokens while the device computes (a row that finished there got one more, unused, token). With
+        constrained rows the launch is the forward only; its sampling follows the read of step t."""
         pending = None
         with torch.inference_mode():
             while True:
@@ -151,8 +179,11 @@ class Engine:
                     if admitted:
                         self._prefill_group(admitted)
                     launched = self._launch() if len(self.batch) else None
-                    if pending is not None:
-                        self._collect(*pending)
+                    got = self._read(*pending) if pending is not None else None
+                    if launched is not None and isinstance(launched[1], Forwarded):
+                        launched = self._launch_masked(*launched)  # it needed step t's tokens
+                    if got is not None:
+                        self._emit(*got)
                     pending = launched if len(self.batch) else None
                 except Exception as e:  # the batch is lost; every request in it gets the error
                     log.exception("engine step failed")
@@ -162,6 +193,7 @@ class Engine:
 
     def _finish(self, rows: list[Row]) -> None:
         for row in rows:
+            row.matcher = None  # a row still in a launched step then samples unmasked (its token is dropped)
             self.batch.remove(row.slot)
             self.runner.release(row.slot)
             with self._cv:
@@ -179,6 +211,7 @@ class Engine:
             req.sink.fail(error)
         for row in self.batch.rows():
             row.req.sink.fail(error)
+            row.matcher = None
             self.batch.remove(row.slot)
             self.scheduler.release(row.slot)
         self.runner.reset()
@@ -203,16 +236,58 @@ class Engine:
         for r, n, d in zip(rows, pre.lengths, pre.deltas):
             r.length, r.delta = n, d
             self.batch.add(r)
-        tokens = self.runner.start(rows, pre)
-        self._finish(self.output.emit(rows, tokens))
+        tokens = self.runner.start(rows, pre, self._first_masks(rows))
+        self._emit(rows, tokens, self._advance(rows, tokens))
 
     def _launch(self):
+        """Launch the next step: whole, or (constrained rows) its forward only."""
         rows = self.batch.rows()
-        step = self.runner.launch(rows, self.batch.greedy())
+        if self.batch.constrained():
+            step = self.runner.launch_forward(rows)
+        else:
+            step = self.runner.launch(rows, self.batch.greedy())
         for r in rows:
             r.length += 1
         return rows, step
 
-    def _collect(self, rows: list[Row], step) -> None:
+    def _launch_masked(self, rows: list[Row], fwd: Forwarded):
+        return rows, self.runner.launch_sample(fwd, self._masks.fill_slots(rows))
+
+    def _read(self, rows: list[Row], step) -> tuple[list[Row], list[int], list[Row]]:
+        """A step's tokens for the rows still running, with the grammars advanced by them."""
         live = [(r, t) for r, t in zip(rows, step.tokens()) if self.batch.get(r.slot) is r]
-        self._finish(self.output.emit([r for r, _ in live], [t for _, t in live]))
+        rows, tokens = [r for r, _ in live], [t for _, t in live]
+        return rows, tokens, self._advance(rows, tokens)
+
+    def _emit(self, rows: list[Row], tokens: list[int], refused: list[Row]) -> None:
+        if refused:
+            for r in refused:
+                r.req.sink.fail(Internal("the response format's grammar refused the sampled token"))
+            self._finish(refused)
+            gone = {id(r) for r in refused}
+            keep = [(r, t) for r, t in zip(rows, tokens) if id(r) not in gone]
+            rows, tokens = [r for r, _ in keep], [t for _, t in keep]
+        self._finish(self.output.emit(rows, tokens))
+
+    # ---- structured answers ----
+    def _first_masks(self, rows: list[Row]):
+        """Matchers for the newly admitted constrained rows -> their first token's masks, or None."""
+        constrained = [r for r in rows if r.req.grammar is not None]
+        if not constrained:
+            return None
+        if self._masks is None:
+            self._masks = RowMasks(self.config.max_batch, self.model.lm_head.weight.shape[0],
+                                   pin=self.device.type == "cuda")
+        for r in constrained:
+            r.matcher = self.grammars().matcher(r.req.grammar)
+        return self._masks.fill_rows(rows)
+
+    def _advance(self, rows: list[Row], tokens: list[int]) -> list[Row]:
+        """Constrained rows' matchers take their tokens; returns the rows whose token was refused."""
+        if self._masks is None:
+            return []
+        refused = self._masks.advance(rows, tokens)
+        for r in refused:
+            log.error("grammar refused token for slot %d; failing the request", r.slot)
+            r.matcher = None
+        return refused

@@ -1,9 +1,12 @@
-"""Decode steps as CUDA graphs, one per (batch bucket, KV-length bucket, greedy-only).
+"""Decode steps as CUDA graphs, one per (batch bucket, KV-length bucket, variant).
 
-The step reads and writes only static buffers (the runner's), so a graph is just `fn(B, L, greedy)`
-recorded once and replayed. Buckets: B in 1, 2, 4, 8, 16, 24, 32, then every 16 up to the slot count;
-L in powers of two from 128 up to the slot length. Everything here but `_capture` runs on CPU too
-(with graphs disabled the step simply runs eagerly), so the bucket logic is tested without a GPU.
+The step reads and writes only static buffers (the runner's), so a graph is just `fn(B, L, variant)`
+recorded once and replayed. Variants: True / False, a whole step (greedy-only or not); "forward" and
+"masked", the two halves of a step with constrained rows (the grammar masks are a static input buffer
+written between them; "masked" keys use L = 0). Buckets: B in 1, 2, 4, 8, 16, 24, 32, then every 16
+up to the slot count; L in powers of two from 128 up to the slot length. Everything here but `_capture`
+runs on CPU too (with graphs disabled the step simply runs eagerly), so the bucket logic is tested
+without a GPU.
 Graphs share one memory pool: they only keep scratch there, never run concurrently, and read their
 inputs and leave their outputs in buffers allocated outside the pool.
 """
@@ -46,44 +49,44 @@ class StepGraphs:
     `harmless` is a context manager under which one run of fn changes nothing that matters (the runner
     points every row at the spare slot): capturing needs one eager warm-up run first."""
 
-    def __init__(self, fn: Callable[[int, int, bool], None], enabled: bool,
+    def __init__(self, fn: Callable[[int, int, bool | str], None], enabled: bool,
                  harmless: Callable[[int], contextlib.AbstractContextManager]):
         self.fn, self.enabled, self.harmless = fn, enabled, harmless
-        self.graphs: dict[tuple[int, int, bool], object] = {}
+        self.graphs: dict[tuple[int, int, bool | str], object] = {}
         self.pool = None
         self.capture_seconds = 0.0
 
-    def run(self, B: int, L: int, greedy: bool) -> None:
+    def run(self, B: int, L: int, variant: bool | str) -> None:
         if not self.enabled:
-            self.fn(B, L, greedy)
+            self.fn(B, L, variant)
             return
-        key = (B, L, greedy)
+        key = (B, L, variant)
         graph = self.graphs.get(key)
         if graph is None:
             try:
                 graph = self._capture(key)
             except Exception:  # serve eagerly (slower, same answers) rather than not at all
-                log.exception("CUDA graph capture failed for B=%d L=%d greedy=%s; decoding eagerly from now on", *key)
+                log.exception("CUDA graph capture failed for B=%d L=%d variant=%s; decoding eagerly from now on", *key)
                 self.enabled, self.graphs = False, {}
                 torch.cuda.synchronize()
-                self.fn(B, L, greedy)
+                self.fn(B, L, variant)
                 return
         graph.replay()
 
-    def warm_up(self, keys: list[tuple[int, int, bool]]) -> None:
+    def warm_up(self, keys: list[tuple[int, int, bool | str]]) -> None:
         """Capture these keys now, largest first (later, smaller graphs reuse the pool's blocks)."""
-        for key in sorted(keys, reverse=True):
+        for key in sorted(keys, key=lambda k: k[:2], reverse=True):
             if not self.enabled:
                 return
             if key not in self.graphs:
                 try:
                     self._capture(key)
                 except Exception:
-                    log.exception("CUDA graph capture failed for B=%d L=%d greedy=%s; decoding eagerly", *key)
+                    log.exception("CUDA graph capture failed for B=%d L=%d variant=%s; decoding eagerly", *key)
                     self.enabled, self.graphs = False, {}
                     torch.cuda.synchronize()
 
-    def _capture(self, key: tuple[int, int, bool]):
+    def _capture(self, key: tuple[int, int, bool | str]):
         t0 = time.perf_counter()
         with self.harmless(key[0]):
             stream = torch.cuda.Stream()
@@ -98,5 +101,5 @@ class StepGraphs:
                 self.pool = graph.pool()
         self.graphs[key] = graph
         self.capture_seconds += time.perf_counter() - t0
-        log.info("captured decode graph B=%d L=%d greedy=%s in %.0f ms", *key, 1000 * (time.perf_counter() - t0))
+        log.info("captured decode graph B=%d L=%d variant=%s in %.0f ms", *key, 1000 * (time.perf_counter() - t0))
         return graph

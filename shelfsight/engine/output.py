@@ -1,5 +1,5 @@
 """The output stage: chosen tokens -> text deltas on each request's sink, and the decision which rows
-are done (stop token, token limit, cancelled by the client)."""
+are done (stop token, or a constrained row's grammar complete; token limit; cancelled by the client)."""
 from __future__ import annotations
 
 import time
@@ -29,7 +29,7 @@ class OutputStage:
                 row.first_token_at = now
                 self.observer.first_token(now - req.arrival)
             finish = None
-            if tok in qwen.EOS_IDS and not req.params.ignore_eos:
+            if (tok in qwen.EOS_IDS and not req.params.ignore_eos) or row.grammar_ended:
                 finish = "stop"
                 row.pending += row.detok.flush()
             else:

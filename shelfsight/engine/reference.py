@@ -38,15 +38,17 @@ class ReferenceRunner:
         self._last: torch.Tensor | None = None  # [B] last chosen token
         self._seen: torch.Tensor | None = None  # [B, V] tokens seen, for the repetition penalty
 
-    def start(self, rows: list[Row], pre: Prefilled) -> list[int]:
-        """Join freshly prefilled rows; returns their first tokens."""
+    def start(self, rows: list[Row], pre: Prefilled, bitmask: torch.Tensor | None = None) -> list[int]:
+        """Join freshly prefilled rows; returns their first tokens. `bitmask` [len(rows), W]: the rows'
+        grammar masks, when some are constrained."""
         dev = self.device
         seen = torch.zeros((len(rows), pre.logits.shape[-1]), dtype=torch.bool, device=dev)
         for i, r in enumerate(rows):  # the prompt's own tokens, not the padding
             seen[i, r.req.input_ids.to(dev)] = True
         position = torch.tensor([r.length for r in rows], device=dev)
+        bias = None if bitmask is None else sampling.bitmask_bias(bitmask.to(dev), pre.logits.shape[-1])
         tokens = sampling.sample(pre.logits, seen, row_params(rows, dev), position, all(
-            r.req.params.greedy for r in rows))
+            r.req.params.greedy for r in rows), bias)
         seen.scatter_(1, tokens[:, None], True)
         self._merge([r.slot for r in rows], pre.cache, pre.mask, tokens, seen)
         return tokens.tolist()
@@ -85,11 +87,32 @@ class ReferenceRunner:
 
         return Done(self.decode(rows, greedy))
 
+    def launch_forward(self, rows: list[Row]):
+        """The forward of a split step (constrained rows; see runner.py): its sampling waits for masks."""
+        from shelfsight.engine.runner import Forwarded
+
+        return Forwarded(rows, (self.logits(rows), self._positions(rows)))  # the engine moves r.length on
+
+    def launch_sample(self, fwd, bitmask: torch.Tensor):
+        """`bitmask` [>= S, W] (host, one row per slot)."""
+        from shelfsight.engine.runner import Done
+
+        logits, position = fwd.state
+        mask = bitmask[torch.tensor([r.slot for r in fwd.rows])].to(self.device)
+        bias = sampling.bitmask_bias(mask, logits.shape[-1])
+        return Done(self._choose(fwd.rows, logits, position, False, bias))
+
     def decode(self, rows: list[Row], greedy: bool) -> list[int]:
+        return self._choose(rows, self.logits(rows), self._positions(rows), greedy)
+
+    def _positions(self, rows: list[Row]) -> torch.Tensor:
+        """The index each row's next token takes in its sequence (it keys the sampling noise)."""
+        return torch.tensor([r.length + 1 for r in rows], device=self.device)
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor, position: torch.Tensor, greedy: bool,
+                bias: torch.Tensor | None = None) -> list[int]:
         order = self._order(rows)
-        logits = self.logits(rows)
-        position = torch.tensor([r.length + 1 for r in rows], device=self.device)
-        tokens = sampling.sample(logits, self._seen[order], row_params(rows, self.device), position, greedy)
+        tokens = sampling.sample(logits, self._seen[order], row_params(rows, self.device), position, greedy, bias)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
         self._last = tokens[inverse]

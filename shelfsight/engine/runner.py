@@ -10,6 +10,12 @@ A step reads rows 0..B-1 (B the batch bucket over the highest running slot), wri
 K/V, token and seen mark into its slot, and leaves the chosen tokens in `out`; the host reads them with
 one copy, the step's only sync. Steps are launched one ahead: the next step needs only host counters
 and the tokens already on the device, so the host streams step t while the device runs step t+1.
+
+A batch with constrained rows (structured answers) splits each step in two: the forward (it needs only
+the device's tokens) is launched first and leaves its logits [B, V] in `step_logits`; its sampling needs
+the rows' grammar masks, which need step t's tokens, so it is launched once the host has read those,
+advanced the grammars and written the masks into `bitmask` [S+1, ceil(V/32)] int32. On a GPU that
+host work overlaps the forward. Batches without constrained rows run the whole step as before.
 """
 from __future__ import annotations
 
@@ -52,6 +58,14 @@ class Done:
         return self._tokens
 
 
+class Forwarded:
+    """The first half of a split step: the forward ran (or is queued) for these rows; its sampling waits
+    for their masks. `state` is the runner's own (the batch bucket here, the logits for the reference)."""
+
+    def __init__(self, rows: list[Row], state):
+        self.rows, self.state = rows, state
+
+
 class SlotRunner:
     def __init__(self, model, config: EngineConfig):
         self.config = config
@@ -65,10 +79,15 @@ class SlotRunner:
             self.tokens = torch.zeros(S + 1, dtype=torch.int64, device=dev)
             self.out = torch.zeros(S + 1, dtype=torch.int64, device=dev)
             self.seen = torch.zeros(S + 1, vocab, dtype=torch.bool, device=dev)
+            self.bitmask = torch.full((S + 1, (vocab + 31) // 32), -1, dtype=torch.int32, device=dev)
             self.params = sampling.RowParams.empty(S + 1, dev)
             self.meta = torch.zeros(4, S + 1, dtype=torch.int64, device=dev)
             self._true = torch.ones(S + 1, dtype=torch.bool, device=dev)
         self.cuda = cuda = dev.type == "cuda"
+        # a split step's logits between its halves: on CUDA a static buffer (a graph's own output lives
+        # in the shared pool, where the next graph may write), on CPU the forward's tensor itself
+        self.step_logits = torch.zeros(S + 1, vocab, dtype=torch.float32, device=dev) if cuda else None
+        self._cpu_logits: torch.Tensor | None = None
         # two of each host buffer: step t+1 is launched before step t's tokens are read, so the host
         # writes one while the device may still copy from / into the other
         self.meta_hosts = [torch.zeros(4, S + 1, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
@@ -94,11 +113,13 @@ class SlotRunner:
                 except Exception:
                     log.exception("fused decode kernels failed at the model's shapes; using torch ops")
                     self.decoder.fused = False
-            self.graphs.warm_up([(B, L, g) for B in self.batch_buckets for L in kv for g in (True, False)])
+            self.graphs.warm_up([(B, L, g) for B in self.batch_buckets for L in kv for g in (True, False, "forward")]
+                                + [(B, 0, "masked") for B in self.batch_buckets])
 
     # ---- prefill ----
-    def start(self, rows: list[Row], pre: Prefilled) -> list[int]:
-        """Move freshly prefilled rows into their slots; returns their first tokens."""
+    def start(self, rows: list[Row], pre: Prefilled, bitmask: torch.Tensor | None = None) -> list[int]:
+        """Move freshly prefilled rows into their slots; returns their first tokens. `bitmask`
+        [len(rows), W]: the rows' grammar masks, when some are constrained."""
         dev = self.device
         slots = [r.slot for r in rows]
         self.decoder.write_prompt([layer.keys for layer in pre.cache.layers],
@@ -112,7 +133,9 @@ class SlotRunner:
         p = sampling.RowParams(*(t[index] for t in (self.params.temperature, self.params.top_k, self.params.top_p,
                                                       self.params.penalty, self.params.seed)))
         position = torch.tensor([r.length for r in rows], device=dev)
-        first = sampling.sample(pre.logits, self.seen[index], p, position, all(r.req.params.greedy for r in rows))
+        bias = None if bitmask is None else sampling.bitmask_bias(bitmask.to(dev), pre.logits.shape[-1])
+        first = sampling.sample(pre.logits, self.seen[index], p, position, all(r.req.params.greedy for r in rows),
+                                bias)
         self.seen[index, first] = True
         self.tokens[index] = first
         return first.tolist()
@@ -133,11 +156,24 @@ class SlotRunner:
         self.meta.copy_(host, non_blocking=True)  # 1 KiB, contiguous, from pinned memory
         return B, L
 
-    def _step(self, B: int, L: int, greedy: bool) -> None:
+    def _step(self, B: int, L: int, variant: bool | str) -> None:
+        """variant True / False: a whole step, greedy-only or not. "forward": the model only, logits
+        left in `step_logits`. "masked": sampling of `step_logits` under `bitmask` (L unused)."""
         m = self.meta[:, :B]
-        logits = self.decoder.forward(self.tokens[:B], m[CACHE_POS], m[ROPE_POS], m[WRITE_SLOT], m[KV_LEN], L)
-        # the new token's index in its sequence (= kv_len) keys the sampling noise
-        tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], greedy)
+        if variant == "masked":
+            logits = self.step_logits[:B] if self.cuda else self._cpu_logits
+            bias = sampling.bitmask_bias(self.bitmask[:B], logits.shape[-1])
+            tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], False, bias)
+        else:
+            logits = self.decoder.forward(self.tokens[:B], m[CACHE_POS], m[ROPE_POS], m[WRITE_SLOT], m[KV_LEN], L)
+            if variant == "forward":
+                if self.cuda:
+                    self.step_logits[:B].copy_(logits)
+                else:
+                    self._cpu_logits = logits
+                return
+            # the new token's index in its sequence (= kv_len) keys the sampling noise
+            tok = sampling.sample(logits, self.seen[:B], self.params.rows(B), m[KV_LEN], variant)
         self.seen.index_put_((m[WRITE_SLOT], tok), self._true[:B])
         self.tokens.index_copy_(0, m[WRITE_SLOT], tok)
         self.out[:B].copy_(tok)
@@ -159,6 +195,22 @@ class SlotRunner:
         tokens(), which waits for this step only: the host can work on the previous step meanwhile."""
         B, L = self._fill_meta(rows)
         self.graphs.run(B, L, greedy)
+        return self._read_back(rows, B)
+
+    def launch_forward(self, rows: list[Row]) -> Forwarded:
+        """Queue the forward of a split step (see the module docstring)."""
+        B, L = self._fill_meta(rows)
+        self.graphs.run(B, L, "forward")
+        return Forwarded(rows, B)
+
+    def launch_sample(self, fwd: Forwarded, bitmask: torch.Tensor) -> "Launched":
+        """Queue the sampling of a split step under `bitmask` [>= B, W] (host, one row per slot)."""
+        B = fwd.state
+        self.bitmask[:B].copy_(bitmask[:B], non_blocking=self.cuda)
+        self.graphs.run(B, 0, "masked")
+        return self._read_back(fwd.rows, B)
+
+    def _read_back(self, rows: list[Row], B: int) -> "Launched":
         host = self.out_hosts[self._flip]
         host[:B].copy_(self.out[:B], non_blocking=self.cuda)
         event = None

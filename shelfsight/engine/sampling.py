@@ -10,6 +10,10 @@ noise hashed from (seed, position, token id). A seeded row therefore draws the s
 else shares its batch and on whichever runner, and no torch.Generator is needed. Candidates are the
 K_MAX largest logits: exact unless a row's top-k/top-p would keep more than K_MAX tokens.
 Shapes: logits [B, V] float32; seen [B, V] bool; every per-row parameter [B].
+
+Structured answers: a constrained step adds a bias [B, V] (0 where the row's grammar allows the token,
+-inf elsewhere) after the repetition penalty, before temperature, top-k and top-p; x + 0.0 == x, so an
+allowed token's logit, and a row whose bias is all zeros, are exactly as without it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 K_MAX = 1024
 _M32 = 0xFFFFFFFF
@@ -107,14 +112,31 @@ def uniform(seed: torch.Tensor, position: torch.Tensor, token: torch.Tensor) -> 
     """U(0, 1) noise [B, K] that depends only on (seed [B], position [B], token id [B, K])."""
     h = _mix32((seed & _M32) ^ _mix32(((seed >> 32) & _M32) ^ _mix32(position & _M32)))
     h = _mix32(h[:, None] ^ token)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 24 bits -> (0, 1). The top value, (2^24 - 0.5) / 2^24, rounds to 1.0 in float32, whose Gumbel
+    # noise is +inf: on a token already ruled out (-inf) that makes NaN, which wins the argmax
+    return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=1.0 - 2.0 ** -24)
+
+
+def bitmask_bias(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """xgrammar's token bitmask [B, ceil(V/32)] int32 (bit j of word w allows token 32w + j) -> bias
+    [B, V] float32, 0 allowed / -inf not. Each byte looks up its 8 bits in a [256, 8] table (built on the
+    device: no host copy, so it runs inside a CUDA graph); reading int32 words as bytes lowest first
+    assumes a little-endian device, as CPUs and GPUs we run on are."""
+    dev = bitmask.device
+    bits = (torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1
+    table = torch.zeros(256, 8, device=dev).masked_fill_(bits == 0, float("-inf"))
+    B = bitmask.shape[0]
+    return F.embedding(bitmask.contiguous().view(torch.uint8).int(), table).view(B, -1)[:, :vocab]
 
 
 def sample(logits: torch.Tensor, seen: torch.Tensor, p: RowParams, position: torch.Tensor,
-           greedy_only: bool) -> torch.Tensor:
+           greedy_only: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row -> [B] int64. `position` [B] is the index the new token takes in its sequence
-    (it keys the noise). greedy_only skips the sampling work when the host knows every row is greedy."""
+    (it keys the noise). greedy_only skips the sampling work when the host knows every row is greedy.
+    `bias` [B, V]: constrained rows' allowed tokens (bitmask_bias)."""
     logits = penalize(logits, seen, p.penalty)
+    if bias is not None:
+        logits.add_(bias)  # in place: penalize() returned a new tensor
     best = logits.argmax(-1)
     if greedy_only:
         return best
