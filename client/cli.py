@@ -13,20 +13,50 @@ def add_generation_flags(p) -> None:
     p.add_argument("--system", help="system prompt")
     for field, rule in params.RULES.items():  # unset: the server's defaults
         p.add_argument(f"--{field.replace('_', '-')}", type=rule.cast, help=rule.help)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before this text (repeatable, up to 4)")
     p.add_argument("--cache", choices=("use", "skip", "refresh"), default="use")
     p.add_argument("--enhance", action="store_true", help="contrast x1.2, brightness x1.1 first")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--format", choices=("product",), dest="builtin_format",
+                      help="answer as the built-in product schema (category, brand, colour, spec, text)")
+    form.add_argument("--json-schema", type=Path, metavar="FILE", help="answer as JSON matching this JSON Schema")
+    form.add_argument("--json-object", action="store_true", help="answer as any JSON object")
+    form.add_argument("--regex", help="answer matching this regular expression")
+    form.add_argument("--choice", help="answer with exactly one of these comma-separated strings")
+
+
+def response_format(args):
+    from shelfsight import formats
+    from shelfsight.errors import InvalidArgument, NotFound
+
+    if args.builtin_format:
+        return formats.builtin(args.builtin_format)
+    if args.json_schema:
+        if not args.json_schema.is_file():
+            raise NotFound(f"schema file {args.json_schema} does not exist")
+        try:
+            return formats.parse("json_schema", args.json_schema.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"schema file {args.json_schema} is not UTF-8 text") from None
+    if args.json_object:
+        return formats.parse("json_object")
+    if args.regex:
+        return formats.parse("regex", args.regex)
+    if args.choice:
+        return formats.parse("choice", [c.strip() for c in args.choice.split(",") if c.strip()])
+    return None
 
 
 def request_options(args) -> dict:
-    return dict(system=args.system, cache=args.cache, enhance=args.enhance,
-                **{field: getattr(args, field) for field in params.FIELDS})
+    return dict(system=args.system, cache=args.cache, enhance=args.enhance, stop=args.stop,
+                response_format=response_format(args), **{field: getattr(args, field) for field in params.FIELDS})
 
 
 def register(sub) -> None:
-    ask = sub.add_parser("ask", help="ask the gateway a question about one image")
-    ask.add_argument("image", type=Path)
-    ask.add_argument("question")
+    ask = sub.add_parser("ask", help="ask the gateway a question about one image, or several together "
+                         "(`ask a.jpg b.jpg \"Same product?\"`)")
+    ask.add_argument("inputs", nargs="+", metavar="IMAGE... QUESTION", help="one or more photos, then the question")
     ask.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is written")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
@@ -68,14 +98,19 @@ def register(sub) -> None:
 
 def cmd_ask(args) -> int:
     from shelfsight.client.client import ShelfsightClient
-    from shelfsight.errors import NotFound
+    from shelfsight.errors import InvalidArgument, NotFound
 
-    if not args.image.is_file():
-        raise NotFound(f"image {args.image} does not exist")
+    if len(args.inputs) < 2:
+        raise InvalidArgument("ask takes one or more photos, then the question")
+    *images, question = args.inputs
+    for image in map(Path, images):
+        if not image.is_file():
+            raise NotFound(f"image {image} does not exist")
+    image = Path(images[0]) if len(images) == 1 else [Path(i) for i in images]
     with ShelfsightClient(args.target) as client:
         if args.stream:
             result = None
-            for chunk in client.stream(args.image, args.question, timeout=args.timeout, **request_options(args)):
+            for chunk in client.stream(image, question, timeout=args.timeout, **request_options(args)):
                 if chunk.final:
                     result = chunk.result
                 elif not args.json:
@@ -83,7 +118,7 @@ def cmd_ask(args) -> int:
             if not args.json:
                 print(flush=True)
         else:
-            result = client.recognize(args.image, args.question, timeout=args.timeout, **request_options(args))
+            result = client.recognize(image, question, timeout=args.timeout, **request_options(args))
             if not args.json:
                 print(result.text, flush=True)
     if args.json:

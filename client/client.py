@@ -17,6 +17,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 
 from shelfsight import errors, ports
+from shelfsight.formats import ResponseFormat
 from shelfsight.client.catalog import AsyncCatalogCalls, CatalogCalls
 from shelfsight.params import FIELDS as PARAMETERS
 from shelfsight.protos import pb, pb_grpc
@@ -57,19 +58,44 @@ class Chunk:
     result: Recognition | None = None  # on the final chunk: the whole answer and its metadata
 
 
+def _picture(image) -> bytes:
+    return Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image)
+
+
+def format_message(fmt: ResponseFormat) -> pb.ResponseFormat:
+    if fmt.kind == "json_object":
+        return pb.ResponseFormat(json_object=True)
+    if fmt.kind == "choice":
+        return pb.ResponseFormat(choice=pb.Choices(values=list(fmt.spec)))
+    return pb.ResponseFormat(**{fmt.kind: fmt.spec})
+
+
 def build_request(image, question: str, *, system: str | None = None, cache: str = "use",
-                  request_id: str | None = None, enhance: bool = False, **parameters):
-    if isinstance(image, (str, Path)):
-        image = Path(image).read_bytes()
+                  request_id: str | None = None, enhance: bool = False, response_format: ResponseFormat | None = None,
+                  stop: list[str] | None = None, messages: list[dict] | None = None, **parameters):
+    """`image`: one picture (bytes or a path), or a list of them (asked about together, in order, before
+    `question`). `messages`: a whole conversation instead - [{"role": ..., "content": [str | picture, ...]}],
+    a picture being bytes or a Path; then `image` and `question` are None."""
     if cache not in CACHE_POLICIES:
         raise errors.InvalidArgument(f"cache must be one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
     unknown = set(parameters) - set(PARAMETERS)
     if unknown:
         raise errors.InvalidArgument(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
-    gen = pb.GenerationParameters(**{k: v for k, v in parameters.items() if v is not None})
-    return pb.RecognizeRequest(image=bytes(image), question=question, system_prompt=system or "",
-                               parameters=gen, cache_policy=CACHE_POLICIES[cache], request_id=request_id or "",
-                               enhance=enhance)
+    gen = pb.GenerationParameters(**{k: v for k, v in parameters.items() if v is not None}, stop=stop or [])
+    common = dict(parameters=gen, cache_policy=CACHE_POLICIES[cache], request_id=request_id or "", enhance=enhance)
+    if response_format is not None:
+        common["response_format"] = format_message(response_format)
+    if isinstance(image, (list, tuple)):
+        content = [pb.Part(image=_picture(p)) for p in image] + [pb.Part(text=question)]
+        messages = ([{"role": "system", "content": [system]}] if system else []) + [{"role": "user", "content": content}]
+        system = None
+    if messages is not None:
+        turns = [pb.Message(role=m["role"], content=[p if isinstance(p, pb.Part) else pb.Part(text=p)
+                                                     if isinstance(p, str) else pb.Part(image=_picture(p))
+                                                     for p in ([m["content"]] if isinstance(m["content"], str)
+                                                               else m["content"])]) for m in messages]
+        return pb.RecognizeRequest(messages=turns, **common)
+    return pb.RecognizeRequest(image=_picture(image), question=question, system_prompt=system or "", **common)
 
 
 def to_error(e: grpc.RpcError) -> errors.ShelfsightError:

@@ -32,6 +32,9 @@ def register(sub) -> None:
     ev.add_argument("--timeout", type=float)
     ev.add_argument("--max-new-tokens", type=int, help="override the study's answer length (e.g. for quick CPU runs)")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--free-text", action="store_true",
+                    help="ask the study's way (JSON described in the question, parsed tolerantly) instead of "
+                         "constraining answers to the built-in product schema")
     ev.add_argument("--rerank", type=int, default=10, help="eval search: also rerank the first N (0: no rerank runs)")
     ev.add_argument("--modes", default="image,text,hybrid", help="eval search: which queries to run")
     ev.add_argument("--keep", action="store_true", help="eval search: keep the indexed evaluation items")
@@ -86,6 +89,6 @@ def cmd_eval(args) -> int:
         raise InvalidArgument("--dataset and --out are required (or: shelfsight eval compare RUN_A RUN_B)")
     report = asyncio.run(run.run(args.dataset, args.target, args.out, concurrency=args.concurrency, seed=args.seed,
                                  progress=not args.no_progress, timeout=args.timeout,
-                                 max_new_tokens=args.max_new_tokens))
+                                 max_new_tokens=args.max_new_tokens, free_text=args.free_text))
     print((args.out / "report.md").read_text(), end="")
     return 1 if report["missing"] else 0

@@ -21,7 +21,6 @@ from shelfsight.params import GenerationParams, Limits
 
 REQUEST_ID = re.compile(r"[\w.:/+=@-]{1,128}")  # fullmatch: "$" would let a trailing newline into the log
 POLICIES = ("use", "skip", "refresh")  # what a request may ask of the cache
-MAX_STOPS, MAX_STOP_CHARS = 4, 64
 
 
 @dataclass(frozen=True)
@@ -80,15 +79,6 @@ def _pictures(ask: Ask, image_limits: ImageLimits) -> tuple[imaging.Encoded, ...
     return tuple(out)
 
 
-def check_stop(stop: tuple[str, ...]) -> tuple[str, ...]:
-    if len(stop) > MAX_STOPS:
-        raise InvalidArgument(f"stop holds {len(stop)} sequences; at most {MAX_STOPS}")
-    for s in stop:
-        if not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise InvalidArgument(f"each stop sequence must be 1-{MAX_STOP_CHARS} characters, got {len(s)}")
-    return tuple(stop)
-
-
 def validate(ask: Ask, limits: Limits, image_limits: ImageLimits, defaults: GenerationParams) -> Checked:
     """`ask` checked against the served model's text and image limits, its absent generation
     parameters taken from `defaults`. Raises InvalidArgument, the first rule broken: request id,
@@ -109,4 +99,4 @@ def validate(ask: Ask, limits: Limits, image_limits: ImageLimits, defaults: Gene
     if ask.policy not in POLICIES:
         raise InvalidArgument(f"cache_policy {ask.policy} is not one of {', '.join(p.upper() for p in POLICIES)}")
     return Checked(tuple(ask.pictures), conv, effective, bool(ask.enhance), ask.policy, rid, encoded,
-                   check_stop(tuple(ask.stop)), ask.response_format)
+                   params.check_stop(tuple(ask.stop)), ask.response_format)

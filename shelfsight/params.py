@@ -127,6 +127,22 @@ def resolve(defaults: GenerationParams, limits: Limits, **given) -> GenerationPa
     return replace(defaults, **changes)
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop sequences: at most MAX_STOPS strings of 1-MAX_STOP_CHARS characters."""
+    if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
+        raise InvalidArgument("stop must be a list of strings")
+    if len(stop) > MAX_STOPS:
+        raise InvalidArgument(f"stop holds {len(stop)} sequences; at most {MAX_STOPS}")
+    for s in stop:
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"each stop sequence must be 1-{MAX_STOP_CHARS} characters, got "
+                                  f"{len(s) if isinstance(s, str) else type(s).__name__}")
+    return tuple(stop)
+
+
 def check_text(field: str, text: str, limit: int, required: bool) -> str:
     """Validate a question or system prompt; returns it unchanged."""
     if required and not text.strip():

@@ -233,3 +233,27 @@ def test_one_vision_pass_for_a_picture_asked_twice_in_one_group(setup, monkeypat
     assert calls == [2]  # one pass, two pictures
     assert feats[2][0] is feats[0][0] and not torch.equal(feats[1][0][0][:1], feats[0][0][0][:1])
     assert seen == ([False, False, False] if cache_bytes else [])
+
+
+def test_stop_sequences_end_the_answer_before_them_and_are_never_sent(setup):
+    _, _, pre, engine = setup
+    x = pre(images()[2], QUESTIONS[2])
+    p = GenerationParams(max_new_tokens=30, temperature=0.0)
+    whole = Collect()
+    engine.submit(Request.of(x, p, whole))
+    assert whole.done.wait(60) and len(whole.text) > 12
+    stop = whole.text[8:11]  # three characters from inside the answer
+    first = whole.text.find(stop)
+    pieces = []
+
+    class Pieces(Collect):
+        def send(self, delta, prompt, completion, finish):
+            pieces.append(delta)
+            super().send(delta, prompt, completion, finish)
+
+    cut = Pieces()
+    engine.submit(Request.of(x, p, cut, stop=("never appears", stop)))
+    assert cut.done.wait(60) and cut.error is None
+    assert cut.text == whole.text[:first] and cut.finish == "stop"
+    assert not any(stop in piece for piece in pieces)  # no part of it was streamed, then taken back
+    assert cut.usage[1] < whole.usage[1]  # generation stopped there

@@ -153,9 +153,9 @@ def test_eval_through_the_stack_and_compare(gateway, tmp_path):
     assert r.returncode == 0, r.stderr
     target = f"127.0.0.1:{gateway.port}"
 
-    def evaluate(out):
+    def evaluate(out, *extra):
         return subprocess.run([sys.executable, "-m", "shelfsight", "eval", "--dataset", str(data), "--target", target,
-                               "--out", str(out), "--concurrency", "8", "--max-new-tokens", "24", "--no-progress"],
+                               "--out", str(out), "--concurrency", "8", "--no-progress", *extra],
                               capture_output=True, text=True, cwd=ROOT, timeout=600)
 
     first = evaluate(tmp_path / "run1")
@@ -171,6 +171,16 @@ def test_eval_through_the_stack_and_compare(gateway, tmp_path):
     md = (tmp_path / "run1" / "report.md").read_text()
     assert md.count("| ") > 20 and "| Food & drink | 4 |" in md and "| **All** | 24 |" in md and "| tilted | 6 |" in md
     assert report["settings"]["temperature"] == 0.3 and report["settings"]["top_p"] == 0.85
+    # the product schema (the default): every answer of the random model parses, within the study's budget
+    assert report["response_format"] == "product schema" and report["parse_rate"] == 1.0
+    assert all(i["finish_reason"] == "stop" and i["parsed_how"] == "json" for i in report["items"])
+    assert "parse rate 100.0%" in md
+
+    free = evaluate(tmp_path / "free", "--free-text", "--max-new-tokens", "24")
+    assert free.returncode == 0, free.stderr[-2000:]
+    free_report = json.loads((tmp_path / "free" / "report.json").read_text())
+    assert free_report["response_format"] == "free text"
+    assert free_report["parse_rate"] == sum(1 for i in free_report["items"] if i["parsed"]) / 24
 
     # resumable: a second run asks nothing again
     again = evaluate(tmp_path / "run1")

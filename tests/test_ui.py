@@ -344,3 +344,19 @@ def test_search_tab_finds_an_indexed_product_by_photo_and_words(page, tmp_path):
     page.fill("search-filters", "brand")
     page.click("search-button")
     assert "is not KEY=VALUE" in wait_for(lambda: page.text("search-note"), message="a bad filter named")
+
+
+def test_the_structured_preset_answers_as_the_product_schema_and_shows_its_fields(page, tmp_path):
+    img = tmp_path / "jar.png"
+    img.write_bytes(encode(photo(300, 300, seed=977), "PNG"))
+    page.upload("photo", img)
+    next(b for b in page.d.find_elements("css selector", "#preset label") if b.text == ask.STRUCTURED).click()
+    wait_for(lambda: page.find("#structured input").is_selected(), message="the product schema switched on")
+    page.controls(seed="11", max_new_tokens="256", temperature="1.0")
+    page.click("ask-button")
+    wait_for(lambda: "model" in page.text("meta"), timeout=120, message="the structured answer")
+    fields = json.loads(page.value("answer-text"))
+    assert set(fields) == {"category", "brand", "colour", "spec", "text"}, fields
+    rows = wait_for(lambda: page.rows("answer-table"), message="the fields as a table")
+    assert [r[0] for r in rows] == ["category", "brand", "colour", "spec", "text"], rows  # one row per field
+    page.shot("structured")

@@ -42,9 +42,12 @@ def test_controls_default_to_the_serving_defaults_and_become_request_arguments()
 
 def test_controls_read_and_fill_the_page_widgets():
     # the page's widgets give strings and floats; the request gets the parameters' own types
-    c = ask.Controls.from_page(0.5, 0.9, 12.0, 1.05, " 7 ", True, "skip")
+    c = ask.Controls.from_page(0.5, 0.9, 12.0, 1.05, " 7 ", True, "skip", False)
     assert c.request() == dict(temperature=0.5, top_p=0.9, max_new_tokens=12, repetition_penalty=1.05, seed=7,
-                               enhance=True, cache="skip")
+                               enhance=True, cache="skip", response_format=None)
+    from shelfsight import formats
+
+    assert ask.Controls(structured=True).request()["response_format"] == formats.PRODUCT
     assert type(c.request()["max_new_tokens"]) is int
     assert ask.Controls.from_page(*c.to_page()) == c  # reopening a history entry fills the same widgets
     assert ask.Controls.from_page(0.3, 0.85, 256, 1.1, "", False, "use").seed is None

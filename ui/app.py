@@ -223,6 +223,8 @@ def build(settings: UISettings) -> gr.Blocks:
                         seed = gr.Textbox(label="seed (blank: a fresh draw each time)", elem_id="seed")
                         enhance = gr.Checkbox(label="enhance (contrast x1.2, brightness x1.1)", elem_id="enhance")
                         cache = gr.Radio(["use", "skip", "refresh"], value="use", label="cache", elem_id="cache")
+                        structured = gr.Checkbox(label="answer as the product schema (JSON: category, brand, colour, "
+                                                 "spec, text)", elem_id="structured")
             with gr.Tab("History", id="history"):
                 gr.Markdown("This session's questions and answers, newest first. Select a row to reopen it in Ask.")
                 history_tbl = gr.Dataframe(headers=["time", "photo", "question", "answer", "cache"], interactive=False,
@@ -283,12 +285,13 @@ def build(settings: UISettings) -> gr.Blocks:
                 with gr.Row():
                     report_a, report_b = gr.Markdown(elem_id="report-a"), gr.Markdown(elem_id="report-b")
 
-        controls = [temperature, top_p, max_new, rep, seed, enhance, cache]  # ask.Controls' field order
+        controls = [temperature, top_p, max_new, rep, seed, enhance, cache, structured]  # ask.Controls' field order
         page.load(gateway_status, outputs=status, queue=False, show_progress="hidden")
         gr.Timer(settings.health_interval).tick(gateway_status, outputs=status, queue=False, show_progress="hidden")
         photo.change(show_photo, [photo, enhance], [seen, photo_note], queue=False, show_progress="hidden")
         enhance.change(show_photo, [photo, enhance], [seen, photo_note], queue=False, show_progress="hidden")
-        preset.select(lambda name: ask.PRESETS[name], preset, question, queue=False)
+        preset.select(lambda name: (ask.PRESETS[name], name == ask.STRUCTURED), preset, [question, structured],
+                      queue=False)
         go.click(run_ask, [photo, question, *controls, history],
                  [answer_md, answer_text, json_tbl, meta, error, history, history_tbl], show_progress_on=[answer_md])
         history_tbl.select(reopen, history, [photo, question, answer_md, answer_text, meta, *controls, tabs])

@@ -14,9 +14,9 @@ from typing import Iterator
 
 from PIL import Image
 
-from shelfsight import errors, params
+from shelfsight import errors, formats, params
 from shelfsight.client.client import ShelfsightClient
-from shelfsight.evaluation.run import QUESTION as STRUCTURED_QUESTION
+from shelfsight.evaluation.run import STRUCTURED_QUESTION
 from shelfsight.model import imaging
 from shelfsight.params import GenerationParams
 
@@ -24,8 +24,9 @@ PRESETS = {
     "Brand": "What brand is this product?",
     "List every product": "List every product you see in this photo.",
     "Read the label": "Read all the text printed on the label, exactly as written.",
-    "Structured JSON (evaluation)": STRUCTURED_QUESTION,
+    "Structured (product schema)": STRUCTURED_QUESTION,
 }
+STRUCTURED = "Structured (product schema)"  # the preset that also turns the product schema on
 SERVING = GenerationParams()  # the gateway's defaults when a request leaves a parameter out
 
 
@@ -40,6 +41,7 @@ class Controls:
     seed: int | None = SERVING.seed
     enhance: bool = False
     cache: str = "use"
+    structured: bool = False  # answer as the built-in product schema (JSON that always parses)
 
     @classmethod
     def from_page(cls, *values) -> "Controls":
@@ -62,7 +64,8 @@ class Controls:
         """Keyword arguments for ShelfsightClient.stream / batch.ask_all."""
         chosen = {f.name: getattr(self, f.name) for f in fields(self) if f.name in params.RULES}
         return dict({k: None if v is None else params.RULES[k].cast(v) for k, v in chosen.items()},
-                    enhance=bool(self.enhance), cache=self.cache)
+                    enhance=bool(self.enhance), cache=self.cache,
+                    response_format=formats.PRODUCT if self.structured else None)
 
 
 def read_photo(path: str | Path | None) -> bytes:

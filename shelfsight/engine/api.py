@@ -63,10 +63,12 @@ class Request(Prompt):
     arrival: float = field(default_factory=time.perf_counter)
     response_format: ResponseFormat | None = None  # the answer's required shape (shelfsight.formats)
     grammar: object | None = field(default=None, repr=False)  # its compiled form: set by Engine.submit
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (output.py)
 
     @classmethod
-    def of(cls, inputs, params: GenerationParams, sink: Sink, response_format: ResponseFormat | None = None) -> "Request":
-        return cls(*cls.tensors(inputs), params, sink, response_format=response_format)
+    def of(cls, inputs, params: GenerationParams, sink: Sink, response_format: ResponseFormat | None = None,
+           stop: tuple[str, ...] = ()) -> "Request":
+        return cls(*cls.tensors(inputs), params, sink, response_format=response_format, stop=tuple(stop))
 
 
 class Observer:

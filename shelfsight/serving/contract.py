@@ -18,6 +18,9 @@ ANSWERS_FROM = {UNARY: "collect", STREAM: "generate"}  # the ensemble's second s
 # Each generation parameter is an optional input named FIELD.upper() (params.RULES).
 IMAGE, QUESTION, SYSTEM, ENHANCE = "IMAGE", "QUESTION", "SYSTEM", "ENHANCE"
 MESSAGES, IMAGES, IMAGE_SIZES = "MESSAGES", "IMAGES", "IMAGE_SIZES"
+# Optional, both forms: RESPONSE_FORMAT (shelfsight/formats.py's JSON: {"kind", "spec"}) constrains the
+# answer; STOP (a JSON list of strings) ends it before the first stop sequence.
+RESPONSE_FORMAT, STOP = "RESPONSE_FORMAT", "STOP"
 # request field -> (input name, Triton data type), the optional inputs in contract order
 OPTIONAL: dict[str, tuple[str, str]] = {
     **{field: (field.upper(), rule.triton_type) for field, rule in params.RULES.items()},
@@ -37,7 +40,8 @@ OUTPUTS = (TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON)
 INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY = "input_ids", "pixel_values", "image_grid_thw", "image_key"
 MODEL_INPUTS = (INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY)
 PARAMS = "params"
-STEP_INPUTS = MODEL_INPUTS + (PARAMS,)
+STEP_FORMAT, STEP_STOP = "response_format", "stop"  # the checked RESPONSE_FORMAT and STOP ("" when absent)
+STEP_INPUTS = MODEL_INPUTS + (PARAMS, STEP_FORMAT, STEP_STOP)
 
 # Triton API data type -> config.pbtxt data type
 CONFIG_TYPE = {"BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32",

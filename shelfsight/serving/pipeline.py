@@ -73,9 +73,11 @@ def _text(name: str, value: str):
     return _tensor(name, "BYTES", np.array([[value.encode("utf-8")]], dtype=object))
 
 
-def build_inputs(pictures: Sequence[bytes], conversation: Conversation, **params) -> list:
+def build_inputs(pictures: Sequence[bytes], conversation: Conversation, *, response_format=None,
+                 stop: Sequence[str] | None = None, **params) -> list:
     """The contract's inputs for a conversation and its pictures: the classic form (IMAGE + QUESTION
-    [+ SYSTEM]) when it is one picture and one question, else MESSAGES + IMAGES + IMAGE_SIZES."""
+    [+ SYSTEM]) when it is one picture and one question, else MESSAGES + IMAGES + IMAGE_SIZES;
+    `response_format` (a shelfsight.formats.ResponseFormat) and `stop` when given."""
     classic = conversation.classic()
     if classic is not None and len(pictures) == 1:
         question, system = classic
@@ -88,6 +90,10 @@ def build_inputs(pictures: Sequence[bytes], conversation: Conversation, **params
         if pictures:
             data, sizes = pack_pictures(pictures)
             inputs += [_tensor(contract.IMAGES, "UINT8", data[None]), _tensor(contract.IMAGE_SIZES, "INT64", sizes[None])]
+    if response_format is not None:
+        inputs.append(_text(contract.RESPONSE_FORMAT, response_format.to_json()))
+    if stop:
+        inputs.append(_text(contract.STOP, json.dumps(list(stop), ensure_ascii=False)))
     for field, value in params.items():
         if value is None:
             continue

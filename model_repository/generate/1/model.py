@@ -6,14 +6,18 @@ sender, the last response flagged final. Engine metrics are exported as Triton c
 When the launcher stops the server it says how long requests may still take (the stop note,
 shelfsight/serving/lifecycle.py); the engine finishes what it can in that time and fails the rest.
 """
+import json
+
 import torch
 
+from shelfsight import params as params_mod
 from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
+from shelfsight.formats import ResponseFormat
 from shelfsight.model.checkpoint import load_model
 from shelfsight.params import GenerationParams
 from shelfsight.serving import contract, lifecycle, manifest as manifest_mod
-from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar
+from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar, text
 
 import triton_python_backend_utils as pb_utils
 
@@ -128,10 +132,17 @@ class TritonPythonModel:
         grid = torch.tensor(grid.reshape(-1, 3), dtype=torch.int64)
         # Copies, not views: execute() returns before the engine reads these, and the input tensors
         # live in Triton's shared memory, which is reused for other requests once the call returns.
+        fmt = text(request, contract.STEP_FORMAT)  # checked again: `generate` may be called directly
+        stop = text(request, contract.STEP_STOP)
+        try:
+            stop = params_mod.check_stop(json.loads(stop)) if stop else ()
+        except ValueError:
+            raise InvalidArgument(f"{contract.STEP_STOP} must be a JSON list of strings") from None
         return Request(input_ids=torch.tensor(ids.reshape(-1), dtype=torch.int64),
                        pixel_values=torch.tensor(pixels.reshape(-1, pixels.shape[-1])),
                        grid_thw=grid, image_keys=tuple(keys) if keys else ("",) * grid.shape[0],
-                       params=params, sink=Sink(request.get_response_sender()))
+                       params=params, sink=Sink(request.get_response_sender()),
+                       response_format=ResponseFormat.from_json(fmt) if fmt else None, stop=stop)
 
     def execute(self, requests):
         for request in requests:

@@ -5,6 +5,7 @@ The work is shelfsight.model.preprocessing.Preprocessor; this file only moves te
 batch are processed on a small thread pool (Pillow and torch release the GIL while decoding and
 resizing). A bad request gets its own error; the rest of the batch is unaffected.
 """
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from shelfsight import params
 from shelfsight.conversation import Conversation
 from shelfsight.errors import InvalidArgument
+from shelfsight.formats import ResponseFormat
 from shelfsight.model.preprocessing import load_preprocessor
 from shelfsight.serving import contract, manifest as manifest_mod
 from shelfsight.serving.tritonpy import array, error_response, model_dir_repo, pictures, scalar, tensor, text
@@ -44,6 +46,23 @@ class TritonPythonModel:
         return self.pre.converse(pictures(request, contract.IMAGES, contract.IMAGE_SIZES),
                                  Conversation.from_json(messages), enhance)
 
+    @staticmethod
+    def _format(request) -> str:
+        """RESPONSE_FORMAT checked (the grammar itself is compiled by `generate`), as canonical JSON; "" if absent."""
+        raw = text(request, contract.RESPONSE_FORMAT)
+        return ResponseFormat.from_json(raw).to_json() if raw else ""
+
+    @staticmethod
+    def _stop(request) -> str:
+        raw = text(request, contract.STOP)
+        if not raw:
+            return ""
+        try:
+            stop = json.loads(raw)
+        except ValueError:
+            raise InvalidArgument(f"{contract.STOP} must be a JSON list of strings") from None
+        return json.dumps(list(params.check_stop(stop)), ensure_ascii=False)
+
     def _one(self, request):
         try:
             gen = params.resolve(self.manifest.generation, self.manifest.limits,
@@ -64,6 +83,8 @@ class TritonPythonModel:
                 tensor(contract.IMAGE_KEY, np.array([[k.encode() for k in inputs.image_keys]], dtype=object)
                        .reshape(1, len(inputs.image_keys))),
                 tensor(contract.PARAMS, np.array([[gen.to_json()]], dtype=object)),
+                tensor(contract.STEP_FORMAT, np.array([[self._format(request).encode()]], dtype=object)),
+                tensor(contract.STEP_STOP, np.array([[self._stop(request).encode()]], dtype=object)),
             ])
         except Exception as e:  # typed errors keep their code; anything else becomes INTERNAL
             return error_response(e)
