@@ -127,7 +127,9 @@ async def _serve(args, triton_config) -> int:
             await gateway.stop()
             await asyncio.to_thread(triton.stop)
             raise
-    print(f"serving: gateway {settings.host}:{gateway.port}, gateway metrics "
+    http = (f"OpenAI HTTP http://{settings.host}:{gateway.http_port}/v1" if gateway.http_port else
+            "OpenAI HTTP off (--http-port PORT turns it on)")
+    print(f"serving: gateway {settings.host}:{gateway.port}, {http}, gateway metrics "
           f"http://{settings.metrics_host}:{gateway.metrics_port}/metrics; {triton.addresses()}"
           + (f"; catalog postgres 127.0.0.1:{catalog.port} (data {catalog.data_dir})" if catalog else "")
           + (f"; web UI {ui.local_url}" if ui else ""), flush=True)

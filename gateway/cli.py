@@ -45,6 +45,12 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--catalog-name", default=search.catalog_name, help="one database may hold several catalogs")
     p.add_argument("--query-instruction", default=search.query_instruction,
                    help="the instruction search queries are embedded with (catalog items get the model's default)")
+    p.add_argument("--http-port", type=int, default=s.http_port,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/embeddings, /v1/models) "
+                        "on this port, on --host (0: any free port; off when not given)")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image_url pictures in HTTP requests (public addresses only, size and time "
+                        "bounded); without it only data: URLs are taken")
     p.add_argument("--shutdown-grace", type=float, default=s.shutdown_grace,
                    help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
@@ -54,7 +60,8 @@ def settings_from(args, triton_url: str, catalog_url: str | None = None):
 
     return GatewaySettings(
         triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
-        max_in_flight=args.max_in_flight, shutdown_grace=args.shutdown_grace,
+        max_in_flight=args.max_in_flight, shutdown_grace=args.shutdown_grace, http_port=args.http_port,
+        allow_image_urls=args.allow_image_urls,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
@@ -88,5 +95,6 @@ def cmd_gateway(args) -> int:
     configure_logging()
     settings = settings_from(args, args.triton)
     asyncio.run(serve_forever(settings, ready=lambda gw: print(
-        f"gateway ready on {settings.host}:{gw.port} (metrics :{gw.metrics_port})", flush=True)))
+        f"gateway ready on {settings.host}:{gw.port} (metrics :{gw.metrics_port}"
+        + (f", OpenAI HTTP http://{settings.host}:{gw.http_port}/v1" if gw.http_port else "") + ")", flush=True)))
     return 0

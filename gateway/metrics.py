@@ -28,6 +28,12 @@ class GatewayMetrics:
                                   grpc_labels, buckets=LATENCY, registry=r)
         self.msg_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.",
                                 grpc_labels, registry=r)
+        # every call on either face (gRPC, HTTP), one family: dashboards compare the faces
+        self.requests = Counter("shelfsight_requests_total", "Requests handled, by face (grpc, http), method (the RPC, "
+                                "or the HTTP route) and status (the gRPC status name, or the HTTP status code).",
+                                ("face", "method", "status"), registry=r)
+        self.request_seconds = Histogram("shelfsight_request_duration_seconds", "Time to handle a request, by face "
+                                         "and method.", ("face", "method"), buckets=LATENCY, registry=r)
         self.upstream = Histogram("shelfsight_upstream_request_duration_seconds",
                                   "Time waiting on Triton for one model call, by outcome (a status name).",
                                   ("outcome",), buckets=LATENCY, registry=r)

@@ -195,6 +195,20 @@ class SearchService:
         finally:
             self.metrics.search_seconds.labels("embed").observe(time.perf_counter() - t0)
 
+    async def embed(self, items: list[Item], instruction: str, dimensions: int, timeout: float):
+        """Embeddings of `items` by the served embedding model (no catalog involved): (model id, list of
+        pipeline.Embedding). `dimensions` 0: the served default size."""
+        limits, image_limits = self._limits()
+        for i, item in enumerate(items):
+            params.check_text(f"input[{i}]", item.text, limits.max_question_chars, required=False)
+            for picture in item.pictures:
+                imaging.check_encoded(picture, image_limits)
+        _, info = self.upstream.serving(contract.EMBED)
+        dims = dimensions or int(info["dimensions"])
+        if not 1 <= dims <= int(info.get("width", dims)):
+            raise InvalidArgument(f"dimensions must be between 1 and {info.get('width')}, got {dimensions}")
+        return info["model_id"], await self._embed(items, instruction, dims, timeout)
+
     # ---- index ----
     async def index(self, entries: AsyncIterator[IndexEntry], timeout: float) -> AsyncIterator[IndexOutcome]:
         """One outcome per entry, in order, each once its item is stored (or has failed). Items are taken

@@ -94,6 +94,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - t0
         self.m.handled.labels(*labels, code).inc()
         self.m.handling.labels(*labels).observe(elapsed)
+        self.m.requests.labels("grpc", labels[2], code).inc()
+        self.m.request_seconds.labels("grpc", labels[2]).observe(elapsed)
         if labels[1] in SERVICES:
             entry = {"event": "rpc", "method": labels[2], "code": code, "seconds": round(elapsed, 4),
                      **CALL_LOG.get({})}
@@ -169,6 +171,9 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http_server = None  # uvicorn, serving the HTTP face on this event loop
+        self._http_task: asyncio.Task | None = None
 
     def _on_upstream(self, ready: bool) -> None:
         self.metrics.upstream_up.set(1 if ready else 0)
@@ -214,11 +219,45 @@ class Gateway:
         if not self.port:
             raise Internal(f"cannot listen on {s.host}:{s.port}")
         await self.server.start()
+        if s.http_port is not None:
+            await self._start_http()
         await self.upstream.start()
         self.search.start()
-        log.info("gateway listening on %s:%d (metrics :%d), triton %s", s.host, self.port, self.metrics_port,
-                 s.triton_dns or s.triton_url)
+        log.info("gateway listening on %s:%d (metrics :%d%s), triton %s", s.host, self.port, self.metrics_port,
+                 f", HTTP :{self.http_port}" if self.http_port else "", s.triton_dns or s.triton_url)
         return self
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible face (gateway/http_face.py), served by uvicorn on this event loop, on a
+        socket bound here so that port 0 gives a free port we can report."""
+        import socket
+
+        import uvicorn
+
+        from shelfsight.gateway.fetch import Fetcher
+        from shelfsight.gateway.http_face import build_app
+
+        s = self.settings
+        fetcher = Fetcher(s.allow_image_urls, max_bytes=20 << 20)
+        app = build_app(self.answers, self.search, self.metrics, fetcher, s.upstream_timeout)
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.host, s.http_port))
+        except OSError as e:
+            sock.close()
+            raise Internal(f"the HTTP face cannot listen on {s.host}:{s.http_port} ({e})") from None
+        sock.listen(512)
+        sock.setblocking(False)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=30,
+                                timeout_graceful_shutdown=s.shutdown_grace)
+        self._http_server = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http face")
+        while not self._http_server.started and not self._http_task.done():
+            await asyncio.sleep(0.01)
+        if self._http_task.done():
+            self._http_task.result()  # raises why it could not start
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
@@ -226,8 +265,15 @@ class Gateway:
         await self._tasks.close()  # a pending SERVING update must not land after the NOT_SERVING below
         for name in ("", SERVICE, CACHE_HEALTH, CATALOG):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._http_server is not None:  # stop accepting, let in-flight requests finish (within the grace)
+            self._http_server.should_exit = True
         if self.server:
             await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        if self._http_task is not None:
+            try:
+                await asyncio.wait_for(self._http_task, self.settings.shutdown_grace if grace is None else grace)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - stopping regardless
+                self._http_server.force_exit = True
         await self.search.close()
         await self.upstream.close()
         await self.cache.close()

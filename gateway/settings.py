@@ -77,5 +77,7 @@ class GatewaySettings:
     upstream_timeout: float = 300.0  # seconds a model call may take; a shorter client deadline shortens it
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     health_interval: float = 1.0  # seconds between readiness checks of a ready Triton (<= 0.25 s while not)
+    http_port: int | None = None  # the OpenAI-compatible HTTP face (0: any free port; None: off)
+    allow_image_urls: bool = False  # fetch http(s) image_url pictures (public addresses only, bounded)
     cache: CacheSettings = field(default_factory=CacheSettings)
     search: SearchSettings = field(default_factory=SearchSettings)

@@ -157,10 +157,12 @@ def running_gateway(triton_url: str, wait_ready: bool = True, **overrides):
 
 @pytest.fixture(scope="session")
 def gateway(triton, postgres):
-    """The session's gateway: in front of `triton`, with catalog search over `postgres`."""
+    """The session's gateway: in front of `triton`, with catalog search over `postgres` and the
+    OpenAI-compatible HTTP face on a free port."""
     from shelfsight.gateway.settings import SearchSettings
 
-    with running_gateway(triton.grpc_url, search=SearchSettings(catalog_url=postgres.url, catalog_name="session")) as gw:
+    with running_gateway(triton.grpc_url, search=SearchSettings(catalog_url=postgres.url, catalog_name="session"),
+                         http_port=0) as gw:
         yield gw
 
 

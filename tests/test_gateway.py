@@ -431,3 +431,57 @@ def test_two_gateways_share_a_redis_cache(triton, redis_url):
             assert cb.recognize(photo(100), "What brand?", **GREEDY).cache_status == "exact"
             near = cb.recognize(reencode_resized(photo(100)), "What brand?", **GREEDY)
             assert near.cache_status == "perceptual" and near.text == first.text
+
+
+# ---- several pictures and turns ----
+
+def test_two_pictures_from_the_command_line_and_the_library(gateway, tmp_path):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(photo(80))
+    b.write_bytes(photo(81))
+    cli = subprocess.run([sys.executable, "-m", "shelfsight", "ask", str(a), str(b), "Are these the same product?",
+                          "--target", target(gateway), "--json", "--temperature", "0", "--max-new-tokens", "12",
+                          "--cache", "skip"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    reply = json.loads(cli.stdout)
+    with ShelfsightClient(target(gateway)) as c:
+        same = c.recognize([a, b], "Are these the same product?", cache="skip", **GREEDY)
+        swapped = c.recognize([b, a], "Are these the same product?", cache="skip", **GREEDY)
+        one = c.recognize(a, "Are these the same product?", cache="skip", **GREEDY)
+    assert reply["text"] == same.text and same.prompt_tokens > one.prompt_tokens  # both pictures in the prompt
+    assert len({same.text, swapped.text, one.text}) > 1  # the answer depends on which pictures, in which order
+
+
+def test_several_pictures_use_the_exact_cache_level_only(gateway):
+    """The perceptual level compares one picture: with two, a re-encoded copy is a miss, never a guess."""
+    pictures = [photo(82), photo(83)]
+    copy = imagefiles.encode(Image.open(io.BytesIO(pictures[0])), "JPEG", quality=80)
+    with ShelfsightClient(target(gateway)) as c:
+        first = c.recognize(pictures, "Compare.", **GREEDY)
+        exact = c.recognize(pictures, "Compare.", **GREEDY)
+        before = metric(gateway, "shelfsight_cache_lookups_total", level="perceptual")
+        other = c.recognize([copy, pictures[1]], "Compare.", **GREEDY)
+    assert (first.cache_status, exact.cache_status, other.cache_status) == ("miss", "exact", "miss")
+    assert metric(gateway, "shelfsight_cache_lookups_total", level="perceptual") == before
+
+
+def test_a_conversation_over_grpc(gateway):
+    from shelfsight.protos import pb, pb_grpc
+
+    turns = [{"role": "system", "content": ["Be brief."]},
+             {"role": "user", "content": [photo(84), "What is this?"]},
+             {"role": "assistant", "content": ["A kettle."]},
+             {"role": "user", "content": ["And its colour?"]}]
+    with ShelfsightClient(target(gateway)) as c:
+        r = c.recognize(None, None, messages=turns, cache="skip", **GREEDY)
+        changed = c.recognize(None, None, messages=turns[:2] + [{"role": "assistant", "content": ["A jar."]}] + turns[3:],
+                              cache="skip", **GREEDY)
+        with pytest.raises(errors.InvalidArgument, match="the last turn must be the user's"):
+            c.recognize(None, None, messages=turns[:3])
+    with grpc.insecure_channel(target(gateway)) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ProductVisionStub(ch).Recognize(pb.RecognizeRequest(
+                image=photo(84), messages=[pb.Message(role="user", content=[pb.Part(text="q")])]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "leave image, question and system_prompt empty" in info.value.details()
+    assert r.completion_tokens == 12 and r.text != changed.text
