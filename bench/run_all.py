@@ -33,7 +33,7 @@ BENCHMARKS = {
     "load": 240,  # 6 fresh processes that each load the tiny int4 checkpoint: ~40 s here
     "gateway_memory": 300,  # three fresh processes, 160 pictures each: ~75 s here
     "search": 600,  # embed at batch 1/8/32 both ways, 20k vectors in Postgres and FAISS: ~120 s here
-    "structured": 480,  # free vs constrained requests at c=1, 8, 32, twice each: ~95 s here
+    "structured": 720,  # free vs constrained requests at c=1, 8, 32, three times each: ~150 s here
 }
 STDERR_TAIL = 3000  # characters of a failed benchmark's stderr worth showing
 

@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
+    ap.add_argument("--repeats", type=int, default=3, help="measured runs of each kind per level (median)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,9 +138,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in levels:
         inputs = requests(pre, c * args.rounds)
-        # alternate free and constrained runs so that drifting machine load hits both alike
+        for constrained in (False, True):  # the first run at a new batch size pays for fresh allocations
+            run(engine, inputs[:c], c, 8, constrained)
+        # alternate free and constrained runs so that drifting machine load hits both alike; medians
         free, con = [], []
-        for _ in range(2):
+        for _ in range(args.repeats):
             free.append(run(engine, inputs, c, args.new_tokens, False))
             con.append(run(engine, inputs, c, args.new_tokens, True))
         f = {k: statistics.median(r[k] for r in free) for k in free[0]}
