@@ -126,11 +126,13 @@ class Answers:
 
     # ---- answering ----
     @contextlib.asynccontextmanager
-    async def answer(self, c: Checked, remaining: float | None = None) -> AsyncIterator[Answering]:
+    async def answer(self, c: Checked, remaining: float | None = None,
+                     started: float | None = None) -> AsyncIterator[Answering]:
         """From the cache when it may, else following one model call; `remaining`: the client's deadline
-        in seconds, if it has one. Counted in flight while open."""
+        in seconds, if it has one; `started`: when the face took the request (time.perf_counter), which
+        the outcome's total_seconds counts from. Counted in flight while open."""
         self.metrics.in_flight.inc()
-        t0 = time.perf_counter()
+        t0 = started if started is not None else time.perf_counter()
         try:
             kind, found, status = await self._resolve(c, remaining)
             try:

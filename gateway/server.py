@@ -240,7 +240,11 @@ class Gateway:
         s = self.settings
         fetcher = Fetcher(s.allow_image_urls, max_bytes=20 << 20)
         app = build_app(self.answers, self.search, self.metrics, fetcher, s.upstream_timeout)
-        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose protocol says TCP.
+        # With proto 0 every response on a kept-alive connection waited for the client's delayed ACK: 44 ms
+        # a request instead of 0.5 ms (measured with curl and with the openai client).
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((s.host, s.http_port))

@@ -5,6 +5,8 @@ Triton lives here (gateway/answers.py); errors are the core's typed errors, whic
 """
 from __future__ import annotations
 
+import time
+
 from shelfsight import params
 from shelfsight.conversation import PICTURE, Conversation, Turn
 from shelfsight.errors import InvalidArgument
@@ -76,14 +78,16 @@ class ProductVisionServicer(pb_grpc.ProductVisionServicer):
         self.core = core
 
     async def Recognize(self, request, context):
+        t0 = time.perf_counter()
         c = self.core.check(ask_of(request))
-        async with self.core.answer(c, context.time_remaining()) as a:
+        async with self.core.answer(c, context.time_remaining(), t0) as a:
             text = await a.text()
         return pb.RecognizeReply(text=text, **summary(a.outcome))
 
     async def RecognizeStream(self, request, context):
+        t0 = time.perf_counter()
         c = self.core.check(ask_of(request))
-        async with self.core.answer(c, context.time_remaining()) as a:
+        async with self.core.answer(c, context.time_remaining(), t0) as a:
             async for piece in a.pieces():
                 yield pb.RecognizeChunk(text=piece)
         yield pb.RecognizeChunk(final=True, **summary(a.outcome))

@@ -167,7 +167,8 @@ def test_raw_http_sse_framing_and_bad_bodies(base, model):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     huge = httpx.post(f"{base}/v1/chat/completions", content=b" " * (65 << 20), headers={"content-type": "application/json"})
     assert huge.status_code == 413
-    assert httpx.get(f"{base}/v1/nothing").status_code == 404
+    nothing = httpx.get(f"{base}/v1/nothing")
+    assert nothing.status_code == 404 and nothing.json()["error"]["type"] == "not_found_error"
 
 
 def test_embeddings(client, gateway):
