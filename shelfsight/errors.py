@@ -40,9 +40,26 @@ class FailedPrecondition(ShelfsightError):
 
 
 class ResourceExhausted(ShelfsightError):
-    """Over a limit that protects the service: too many requests in flight, image too large."""
+    """Over a limit that protects the service: too many requests in flight, image too large.
+    `retry_after`: seconds after which retrying may succeed, when known (sent to the client)."""
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(ShelfsightError):
+    """No API key, or one the gateway does not know (or has revoked)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ShelfsightError):
+    """A known key without the right to this method."""
+
+    code = "PERMISSION_DENIED"
 
 
 class Unavailable(ShelfsightError):
@@ -80,7 +97,7 @@ class Internal(ShelfsightError):
 
 BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled,
-                                     Internal)}
+                                     Unauthenticated, PermissionDenied, Internal)}
 
 
 def from_code(code: str, message: str) -> ShelfsightError:
