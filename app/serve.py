@@ -33,6 +33,10 @@ def register(sub) -> None:
     add_triton_flags(s, prefix="triton-")
     add_gateway_flags(s)
     s.add_argument("--ui-port", type=int, help="also serve the web UI (`shelfsight ui`) on this port, on --host")
+    s.add_argument("--ui-auth-file", type=Path, help="the UI's login: lines of USER:PASSWORD")
+    s.add_argument("--ui-api-key-file", type=Path, help="the key the UI calls the gateway with (with --api-keys)")
+    s.add_argument("--ui-tls-ca", type=Path, help="the CA the UI trusts for the gateway's TLS (default: --tls-cert, a "
+                   "self-signed certificate naming 127.0.0.1)")
     s.add_argument("--catalog-dir", type=Path, help="the embedded catalog's data folder (PostgreSQL + pgvector, "
                    "started when an embedding model is served and no --catalog URL is given; default "
                    "/var/lib/shelfsight/catalog as root, else ~/.local/share/shelfsight/catalog)")
@@ -122,7 +126,14 @@ async def _serve(args, triton_config) -> int:
         from shelfsight.ui.cli import start_beside
 
         try:
-            ui = await asyncio.to_thread(start_beside, ports.local(gateway.port), args.ui_port, args.host)
+            from shelfsight.client.client import Connection
+            from shelfsight.ui.cli import read_auth
+
+            key = args.ui_api_key_file.read_text().strip() if args.ui_api_key_file else None
+            to_gateway = Connection(ports.local(gateway.port), tls_ca=args.ui_tls_ca or args.tls_cert, api_key=key) \
+                if args.tls_cert else Connection(ports.local(gateway.port), api_key=key)
+            ui = await asyncio.to_thread(start_beside, to_gateway, args.ui_port, args.host, None,
+                                         read_auth(args.ui_auth_file))
         except BaseException:
             await gateway.stop()
             await asyncio.to_thread(triton.stop)

@@ -134,7 +134,7 @@ class CatalogCalls:
 
     def index(self, items: Iterable[CatalogItem], timeout: float | None = None) -> Iterator[IndexResult]:
         """One result per item, in order, each once the item is stored or has failed."""
-        call = self._catalog().Index((item_message(i) for i in items), timeout=timeout or self.timeout)
+        call = self._catalog().Index((item_message(i) for i in items), timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for m in call:
                 yield index_result(m)
@@ -145,19 +145,19 @@ class CatalogCalls:
 
     def search(self, image=None, text: str = "", *, timeout: float | None = None, **kw) -> SearchResult:
         try:
-            return search_result(self._catalog().Search(search_request(image, text, **kw), timeout=timeout or self.timeout))
+            return search_result(self._catalog().Search(search_request(image, text, **kw), timeout=timeout or self.timeout, metadata=self._metadata))
         except grpc.RpcError as e:
             raise _error(e) from None
 
     def delete(self, ids: list[str], timeout: float | None = None) -> int:
         try:
-            return self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout).deleted
+            return self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout, metadata=self._metadata).deleted
         except grpc.RpcError as e:
             raise _error(e) from None
 
     def catalog_info(self, timeout: float | None = None) -> CatalogInfo:
         try:
-            m = self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout)
+            m = self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return CatalogInfo(m.model_id, m.dimensions, m.items, m.reranker_model_id, m.name)
@@ -175,7 +175,7 @@ class AsyncCatalogCalls(CatalogCalls):
             else:
                 for i in items:
                     yield item_message(i)
-        call = self._catalog().Index(messages(), timeout=timeout or self.timeout)
+        call = self._catalog().Index(messages(), timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for m in call:
                 yield index_result(m)
@@ -187,19 +187,19 @@ class AsyncCatalogCalls(CatalogCalls):
     async def search(self, image=None, text: str = "", *, timeout: float | None = None, **kw) -> SearchResult:
         try:
             return search_result(await self._catalog().Search(search_request(image, text, **kw),
-                                                              timeout=timeout or self.timeout))
+                                                              timeout=timeout or self.timeout, metadata=self._metadata))
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def delete(self, ids: list[str], timeout: float | None = None) -> int:
         try:
-            return (await self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout)).deleted
+            return (await self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout, metadata=self._metadata)).deleted
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def catalog_info(self, timeout: float | None = None) -> CatalogInfo:
         try:
-            m = await self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout)
+            m = await self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return CatalogInfo(m.model_id, m.dimensions, m.items, m.reranker_model_id, m.name)

@@ -9,6 +9,34 @@ from pathlib import Path
 from shelfsight import params, ports
 
 
+API_KEY_ENV = "SHELFSIGHT_API_KEY"
+
+
+def add_connection_flags(p) -> None:
+    """How a command reaches the gateway: TLS and an API key (besides --target)."""
+    p.add_argument("--tls-ca", type=Path, help="the CA certificate the gateway's TLS certificate chains to (turns TLS on)")
+    p.add_argument("--tls-cert", type=Path, help="this client's certificate, for a gateway that wants mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="its private key")
+    p.add_argument("--api-key-file", type=Path, help=f"a file holding the API key (default: ${API_KEY_ENV}; "
+                   "a key on the command line would show in the process list)")
+
+
+def connection(args):
+    """The Connection the connection flags describe (target from --target)."""
+    import os
+
+    from shelfsight.client.client import Connection
+    from shelfsight.errors import NotFound
+
+    key = os.environ.get(API_KEY_ENV) or None
+    if getattr(args, "api_key_file", None):
+        if not args.api_key_file.is_file():
+            raise NotFound(f"API key file {args.api_key_file} does not exist")
+        key = args.api_key_file.read_text().strip()
+    return Connection(args.target, getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+                      getattr(args, "tls_key", None), key)
+
+
 def add_generation_flags(p) -> None:
     p.add_argument("--system", help="system prompt")
     for field, rule in params.RULES.items():  # unset: the server's defaults
@@ -61,6 +89,7 @@ def register(sub) -> None:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is written")
     ask.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     add_generation_flags(ask)
+    add_connection_flags(ask)
     ask.set_defaults(func=cmd_ask)
 
     batch = sub.add_parser("batch", help="answer one question for every image in a folder (resumable)")
@@ -71,6 +100,7 @@ def register(sub) -> None:
     batch.add_argument("--target", default=ports.GATEWAY_ADDRESS)
     batch.add_argument("--no-progress", action="store_true")
     add_generation_flags(batch)
+    add_connection_flags(batch)
     batch.set_defaults(func=cmd_batch)
 
     index = sub.add_parser("index", help="add a catalog to the search index: a folder of photos (stem = id) or a "
@@ -80,6 +110,7 @@ def register(sub) -> None:
     index.add_argument("--progress", type=Path, help="acknowledged items (default: CATALOG.index.jsonl beside it); "
                        "rerun to resume")
     index.add_argument("--timeout", type=float, help="deadline in seconds for the whole stream")
+    add_connection_flags(index)
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="find catalog items by photo, by words, or both")
@@ -93,6 +124,7 @@ def register(sub) -> None:
     search.add_argument("--target", default=ports.GATEWAY_ADDRESS, help="gateway HOST:PORT")
     search.add_argument("--json", action="store_true", help="one JSON object per hit and line: id, score, metadata")
     search.add_argument("--timeout", type=float, help="deadline in seconds")
+    add_connection_flags(search)
     search.set_defaults(func=cmd_search)
 
 
@@ -107,7 +139,7 @@ def cmd_ask(args) -> int:
         if not image.is_file():
             raise NotFound(f"image {image} does not exist")
     image = Path(images[0]) if len(images) == 1 else [Path(i) for i in images]
-    with ShelfsightClient(args.target) as client:
+    with ShelfsightClient(connection(args)) as client:
         if args.stream:
             result = None
             for chunk in client.stream(image, question, timeout=args.timeout, **request_options(args)):
@@ -135,7 +167,7 @@ def cmd_batch(args) -> int:
     def log(msg: str) -> None:
         print(f"batch: {msg}", file=sys.stderr, flush=True)
 
-    summary = asyncio.run(batch.run(args.target, args.folder, args.out, args.question or batch.DEFAULT_QUESTION,
+    summary = asyncio.run(batch.run(connection(args), args.folder, args.out, args.question or batch.DEFAULT_QUESTION,
                                     concurrency=args.concurrency, progress=not args.no_progress,
                                     timeout=args.timeout, log=log, **request_options(args)))
     print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
@@ -165,7 +197,7 @@ def cmd_index(args) -> int:
     def log(msg: str) -> None:
         print(f"index: {msg}", file=sys.stderr, flush=True)
 
-    summary = asyncio.run(indexing.run(args.target, args.catalog, args.progress, timeout=args.timeout, log=log))
+    summary = asyncio.run(indexing.run(connection(args), args.catalog, args.progress, timeout=args.timeout, log=log))
     print(json.dumps(summary.__dict__ | {"unsupported": len(summary.unsupported)}))
     return 1 if summary.failed else 0
 
@@ -177,7 +209,7 @@ def cmd_search(args) -> int:
     if args.image is not None and not args.image.is_file():
         raise NotFound(f"image {args.image} does not exist")
     filters = dict(parse_filter(f) for f in args.filter)
-    with ShelfsightClient(args.target) as client:
+    with ShelfsightClient(connection(args)) as client:
         r = client.search(args.image, args.text, top_k=args.top_k, filters=filters, rerank=args.rerank,
                           cache=args.cache, timeout=args.timeout)
     for h in r.hits:

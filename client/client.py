@@ -116,21 +116,60 @@ class _Joiner:
         return Chunk(m.text)
 
 
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a gateway: its address, TLS (the CA that signed its certificate; a client certificate
+    and key for mutual TLS) and an API key (sent as `authorization: Bearer <key>`). A plain "HOST:PORT"
+    string anywhere a target is taken means: plaintext, no key."""
+    target: str = ports.GATEWAY_ADDRESS
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def of(cls, target: "str | Connection") -> "Connection":
+        return target if isinstance(target, Connection) else cls(target)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise errors.InvalidArgument("--tls-cert and --tls-key go together")
+        return grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
+
+    def channel(self, aio: bool = False):
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        module = grpc.aio if aio else grpc
+        if self.tls:
+            return module.secure_channel(self.target, self._credentials(), options=options)
+        return module.insecure_channel(self.target, options=options)
+
+    @property
+    def metadata(self) -> tuple:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
 class ShelfsightClient(CatalogCalls):
-    def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
-        self.target, self.timeout = target, timeout
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    def __init__(self, target: "str | Connection" = ports.GATEWAY_ADDRESS, timeout: float | None = None):
+        self.connection = Connection.of(target)
+        self.target, self.timeout = self.connection.target, timeout
+        self._metadata = self.connection.metadata
+        self._channel = self.connection.channel()
         self._stub = pb_grpc.ProductVisionStub(self._channel)
 
     def recognize(self, image, question: str, *, timeout: float | None = None, **kw) -> Recognition:
         try:
-            reply = self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout)
+            reply = self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise to_error(e) from None
         return Recognition.from_message(reply)
 
     def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> Iterator[Chunk]:
-        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         join = _Joiner()
         try:
             for m in call:
@@ -145,7 +184,7 @@ class ShelfsightClient(CatalogCalls):
 
         try:
             r = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                                 timeout=5)
+                                                                 timeout=5, metadata=self._metadata)
         except grpc.RpcError as e:
             raise to_error(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
@@ -161,20 +200,22 @@ class ShelfsightClient(CatalogCalls):
 
 
 class AsyncShelfsightClient(AsyncCatalogCalls):
-    def __init__(self, target: str = ports.GATEWAY_ADDRESS, timeout: float | None = None):
-        self.target, self.timeout = target, timeout
-        self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    def __init__(self, target: "str | Connection" = ports.GATEWAY_ADDRESS, timeout: float | None = None):
+        self.connection = Connection.of(target)
+        self.target, self.timeout = self.connection.target, timeout
+        self._metadata = self.connection.metadata
+        self._channel = self.connection.channel(aio=True)
         self._stub = pb_grpc.ProductVisionStub(self._channel)
 
     async def recognize(self, image, question: str, *, timeout: float | None = None, **kw) -> Recognition:
         try:
-            reply = await self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout)
+            reply = await self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise to_error(e) from None
         return Recognition.from_message(reply)
 
     async def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> AsyncIterator[Chunk]:
-        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout)
+        call = self._stub.RecognizeStream(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         join = _Joiner()
         try:
             async for m in call:

@@ -35,6 +35,9 @@ def register(sub) -> None:
     ev.add_argument("--free-text", action="store_true",
                     help="ask the study's way (JSON described in the question, parsed tolerantly) instead of "
                          "constraining answers to the built-in product schema")
+    from shelfsight.client.cli import add_connection_flags
+
+    add_connection_flags(ev)
     ev.add_argument("--rerank", type=int, default=10, help="eval search: also rerank the first N (0: no rerank runs)")
     ev.add_argument("--modes", default="image,text,hybrid", help="eval search: which queries to run")
     ev.add_argument("--keep", action="store_true", help="eval search: keep the indexed evaluation items")
@@ -66,6 +69,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from shelfsight.client.cli import connection
     from shelfsight.errors import InvalidArgument
     from shelfsight.evaluation import run
 
@@ -75,7 +79,7 @@ def cmd_eval(args) -> int:
         if len(args.compare) != 2:
             raise InvalidArgument("usage: shelfsight eval search DATASET [--out DIR] [--rerank N]")
         out = args.out or Path("runs") / "search"
-        asyncio.run(search.run(Path(args.compare[1]), args.target, out, rerank=args.rerank,
+        asyncio.run(search.run(Path(args.compare[1]), connection(args), out, rerank=args.rerank,
                                modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
                                concurrency=args.concurrency, keep=args.keep, timeout=args.timeout))
         print((out / "search-report.md").read_text(), end="")
@@ -87,7 +91,7 @@ def cmd_eval(args) -> int:
         return 0
     if not args.dataset or not args.out:
         raise InvalidArgument("--dataset and --out are required (or: shelfsight eval compare RUN_A RUN_B)")
-    report = asyncio.run(run.run(args.dataset, args.target, args.out, concurrency=args.concurrency, seed=args.seed,
+    report = asyncio.run(run.run(args.dataset, connection(args), args.out, concurrency=args.concurrency, seed=args.seed,
                                  progress=not args.no_progress, timeout=args.timeout,
                                  max_new_tokens=args.max_new_tokens, free_text=args.free_text))
     print((args.out / "report.md").read_text(), end="")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from shelfsight.errors import ShelfsightError, Unavailable
+from shelfsight.gateway.auth import CLIENT
 from shelfsight.gateway.cache import CachedAnswer, Probe, ResultCache, make_key
 from shelfsight.gateway.flights import Flight, Flights
 from shelfsight.gateway.metrics import GatewayMetrics
@@ -152,6 +153,8 @@ class Answers:
 
     def _key(self, c: Checked, model_id: str):
         extra = {}
+        if self.settings.cache_scope == "client":  # every entry (and every shared call) is one client's
+            extra["client"] = CLIENT.get()
         if c.stop:
             extra["stop"] = list(c.stop)
         if c.response_format is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 CATALOG_ENV = "SHELFSIGHT_CATALOG_URL"
 
@@ -51,6 +52,14 @@ def add_gateway_flags(p) -> None:
     p.add_argument("--allow-image-urls", action="store_true",
                    help="fetch http(s) image_url pictures in HTTP requests (public addresses only, size and time "
                         "bounded); without it only data: URLs are taken")
+    p.add_argument("--tls-cert", type=Path, help="the gateway's TLS certificate (PEM): TLS on gRPC and HTTP")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="mutual TLS: clients must present a certificate signed by this CA")
+    p.add_argument("--api-keys", type=Path, help="the API keys file (`shelfsight keys add NAME --file FILE`): calls "
+                   "must carry `authorization: Bearer <key>`; reloaded when it changes")
+    p.add_argument("--cache-scope", choices=("shared", "client"), default=s.cache_scope,
+                   help="client: every cached answer and search result is keyed by the calling client too "
+                        "(needs --api-keys): a cache hit's speed then tells a client nothing of the others")
     p.add_argument("--shutdown-grace", type=float, default=s.shutdown_grace,
                    help="seconds in-flight requests get to finish on SIGTERM (longer than the longest answer)")
 
@@ -61,7 +70,8 @@ def settings_from(args, triton_url: str, catalog_url: str | None = None):
     return GatewaySettings(
         triton_url=triton_url, triton_dns=getattr(args, "triton_dns", None), host=args.host, port=args.port, metrics_host=args.host, metrics_port=args.metrics_port,
         max_in_flight=args.max_in_flight, shutdown_grace=args.shutdown_grace, http_port=args.http_port,
-        allow_image_urls=args.allow_image_urls,
+        allow_image_urls=args.allow_image_urls, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, api_keys=args.api_keys, cache_scope=args.cache_scope,
         cache=CacheSettings(enabled=not args.no_cache, max_bytes=args.cache_mb << 20, ttl_seconds=args.cache_ttl,
                             perceptual=not args.no_perceptual, phash_bits=args.phash_bits,
                             max_distance=args.max_distance, max_colour_distance=args.max_colour_distance,
@@ -83,6 +93,66 @@ def register(sub) -> None:
                     help="re-resolve NAME every few seconds; each address is a replica (a headless Service)")
     add_gateway_flags(g)
     g.set_defaults(func=cmd_gateway)
+
+    keys = sub.add_parser("keys", help="API keys for the gateway: add (prints the new key once), revoke, list")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=type(keys))
+    add = ksub.add_parser("add", help="make a key for a client; only its hash is stored")
+    add.add_argument("name")
+    add.add_argument("--file", type=Path, required=True, help="the keys file (created if missing)")
+    add.add_argument("--rights", default="answer,search", help="comma-separated: answer, search, index")
+    add.add_argument("--rps", type=float, default=0.0, help="requests per second (0: no limit of its own)")
+    add.add_argument("--burst", type=float, default=0.0, help="requests let through at once (default: --rps)")
+    add.add_argument("--concurrency", type=int, default=0, help="requests in flight (0: no limit of its own)")
+    add.set_defaults(func=cmd_keys_add)
+    revoke = ksub.add_parser("revoke", help="remove a client's key (a running gateway stops taking it within a second)")
+    revoke.add_argument("name")
+    revoke.add_argument("--file", type=Path, required=True)
+    revoke.set_defaults(func=cmd_keys_revoke)
+    ls = ksub.add_parser("list", help="the clients and their rights and limits (never keys)")
+    ls.add_argument("--file", type=Path, required=True)
+    ls.set_defaults(func=cmd_keys_list)
+
+
+def cmd_keys_add(args) -> int:
+    from shelfsight.errors import AlreadyExists, InvalidArgument
+    from shelfsight.gateway.auth import RIGHTS, ClientKey, hash_key, new_key, read_keys, write_keys
+
+    keys = read_keys(args.file)
+    if any(k.name == args.name for k in keys):
+        raise AlreadyExists(f"{args.file} already has a client named {args.name!r} (revoke it first)")
+    rights = tuple(r.strip() for r in args.rights.split(",") if r.strip())
+    if not rights or set(rights) - set(RIGHTS):
+        raise InvalidArgument(f"--rights must be among {', '.join(RIGHTS)}, got {args.rights!r}")
+    if args.rps < 0 or args.burst < 0 or args.concurrency < 0:
+        raise InvalidArgument("--rps, --burst and --concurrency must not be negative")
+    key = new_key()
+    write_keys(args.file, keys + [ClientKey(args.name, hash_key(key), rights, args.rps, args.burst, args.concurrency)])
+    print(key)
+    print(f"the key of {args.name!r} (shown once; {args.file} keeps only its hash)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    from shelfsight.errors import NotFound
+    from shelfsight.gateway.auth import read_keys, write_keys
+
+    keys = read_keys(args.file)
+    if not any(k.name == args.name for k in keys):
+        raise NotFound(f"{args.file} has no client named {args.name!r}")
+    write_keys(args.file, [k for k in keys if k.name != args.name])
+    print(f"revoked {args.name!r}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    import json
+
+    from shelfsight.gateway.auth import read_keys
+
+    for k in read_keys(args.file):
+        print(json.dumps({"name": k.name, "rights": list(k.rights), "rps": k.rps, "burst": k.burst,
+                          "concurrency": k.concurrency}))
+    return 0
 
 
 def configure_logging() -> None:

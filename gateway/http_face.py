@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -31,6 +33,7 @@ from shelfsight.conversation import ASSISTANT, PICTURE, SYSTEM, USER, Conversati
 from shelfsight.errors import InvalidArgument, NotFound, ShelfsightError
 from shelfsight.gateway import openai_protocol as oa
 from shelfsight.gateway.answers import CALL_LOG, Answers
+from shelfsight.gateway.auth import KeyRing
 from shelfsight.gateway.fetch import Fetcher
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.search import SearchService
@@ -63,7 +66,10 @@ def error_response(e: Exception) -> JSONResponse:
         return JSONResponse(oa.error(e.status, e.message, e.param), status_code=e.status)
     if isinstance(e, ShelfsightError):
         status = STATUS.get(e.code, 500)
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        retry = getattr(e, "retry_after", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry or 1)))} if status in (429, 503) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(oa.error(status, e.message, code=e.code.lower()), status_code=status, headers=headers)
     log.error("unexpected error in the HTTP face", exc_info=e)
     return JSONResponse(oa.error(500, f"internal error: {type(e).__name__}"), status_code=500)
@@ -177,7 +183,7 @@ def vendor(o) -> dict:
 
 
 def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, fetcher: Fetcher,
-              timeout: float) -> FastAPI:
+              timeout: float, keys: KeyRing):
     app = FastAPI(title="shelfsight", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -277,16 +283,17 @@ def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, 
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    return Observed(app, metrics)
+    return Observed(app, metrics, keys)
 
 
 class Observed:
-    """Metrics and the access log line for every HTTP request, as plain ASGI: Starlette's decorator
-    middleware (BaseHTTPMiddleware) runs each request through a task group and memory streams, which
-    cost about a millisecond a request here."""
+    """Who may call (gateway/auth.py: the `Authorization: Bearer` header OpenAI clients send), metrics
+    and the access log line for every HTTP request, as plain ASGI: Starlette's decorator middleware
+    (BaseHTTPMiddleware) runs each request through a task group and memory streams, which cost about a
+    millisecond a request here. /health is open to anyone."""
 
-    def __init__(self, app, metrics: GatewayMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: GatewayMetrics, keys: KeyRing):
+        self.app, self.metrics, self.keys = app, metrics, keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -300,11 +307,19 @@ class Observed:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         try:
-            await self.app(scope, receive, sending)
+            try:
+                admitted = contextlib.nullcontext() if route == "/health" else self.keys.admit(authorization, route)
+                with admitted as client:
+                    if client:
+                        CALL_LOG.get({})["client"] = client
+                    await self.app(scope, receive, sending)
+            except ShelfsightError as e:  # refused at the door: 401, 403, 429
+                await error_response(e)(scope, receive, sending)
         finally:
             elapsed = time.perf_counter() - t0
-            self.metrics.requests.labels("http", route, str(status[0])).inc()
+            self.metrics.requests.labels("http", route, str(status[0]), CALL_LOG.get({}).get("client", "")).inc()
             self.metrics.request_seconds.labels("http", route).observe(elapsed)
             if route != "/health":
                 access.info(json.dumps({"event": "http", "method": scope["method"], "path": route,

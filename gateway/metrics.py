@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()  # *_created series add nothing to dashboards and double the sample count
 
@@ -30,8 +29,9 @@ class GatewayMetrics:
                                 grpc_labels, registry=r)
         # every call on either face (gRPC, HTTP), one family: dashboards compare the faces
         self.requests = Counter("shelfsight_requests_total", "Requests handled, by face (grpc, http), method (the RPC, "
-                                "or the HTTP route) and status (the gRPC status name, or the HTTP status code).",
-                                ("face", "method", "status"), registry=r)
+                                "or the HTTP route), status (the gRPC status name, or the HTTP status code) and "
+                                "client (its name in the API keys file; empty without keys).",
+                                ("face", "method", "status", "client"), registry=r)
         self.request_seconds = Histogram("shelfsight_request_duration_seconds", "Time to handle a request, by face "
                                          "and method.", ("face", "method"), buckets=LATENCY, registry=r)
         self.upstream = Histogram("shelfsight_upstream_request_duration_seconds",
@@ -104,7 +104,29 @@ class GatewayMetrics:
                 with suppress(KeyError):
                     self.replica_seconds.remove(replica, outcome)
 
-    def serve(self, host: str, port: int):
-        """Start the /metrics HTTP endpoint; returns the server (its port when `port` is 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, ready=lambda: True):
+        """Start the plaintext HTTP endpoint beside the API: /metrics, and /ready (200 while `ready()`,
+        else 503) - what Kubernetes probes when the API itself speaks TLS, which kubelet's gRPC probe
+        cannot. Returns the server (its port when `port` is 0)."""
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
+
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/ready":
+                ok = ready()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"ready\n" if ok else b"not ready\n"]
+            return metrics(environ, start_response)
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
         return server

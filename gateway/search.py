@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator, Callable
 from shelfsight import params
 from shelfsight.catalog.store import CatalogSettings, CatalogStore, Item as StoredItem
 from shelfsight.errors import FailedPrecondition, InvalidArgument, ShelfsightError, Unavailable
+from shelfsight.gateway.auth import CLIENT
 from shelfsight.gateway.cache import normalize
 from shelfsight.gateway.flights import Flights
 from shelfsight.gateway.likeness import decode_picture
@@ -356,7 +357,8 @@ class SearchService:
         doc = {"image": hashlib.sha256(q.image).hexdigest(), "text": normalize(q.text), "top_k": q.top_k,
                "filters": q.filters, "rerank": q.rerank, "thumbnails": q.thumbnails, "model": model_id,
                "dims": dims, "reranker": self._reranker_id() if q.rerank else "", "version": version,
-               "catalog": self.s.catalog_name, "instruction": self.s.query_instruction}
+               "catalog": self.s.catalog_name, "instruction": self.s.query_instruction,
+               "client": CLIENT.get() if self.settings.cache_scope == "client" else None}
         return "search:" + hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     async def _run(self, flight, q: SearchQuery, store: CatalogStore, model_id: str, dims: int, key: str,

@@ -7,6 +7,7 @@ of typed errors to gRPC statuses, and one structured JSON log line per call with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -24,6 +25,8 @@ from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.replicas import Replicas, parse_targets
 from shelfsight.gateway.resilient import GuardedStore, open_store
 from shelfsight.gateway.answers import CALL_LOG, Answers
+from shelfsight.gateway.auth import KeyRing
+from shelfsight.gateway.tls import CertFiles, TLSSettings
 from shelfsight.gateway.vision_grpc import ProductVisionServicer
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.tasks import Background
@@ -55,11 +58,24 @@ def _refuse_malformed(request) -> None:
         raise InvalidArgument(request.message)
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):
-    """Metrics, error mapping and the access log for every RPC."""
+def _authorization(context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
-    def __init__(self, metrics: GatewayMetrics):
-        self.m = metrics
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Who may call (gateway/auth.py: API keys, rights, per-client limits), metrics, error mapping and
+    the access log for every RPC. Health and reflection are open to anyone."""
+
+    def __init__(self, metrics: GatewayMetrics, keys: KeyRing):
+        self.m, self.keys = metrics, keys
+
+    def _admit(self, context, labels):
+        if labels[1] not in SERVICES:
+            return contextlib.nullcontext()
+        return self.keys.admit(_authorization(context), labels[2])
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -94,7 +110,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         elapsed = time.perf_counter() - t0
         self.m.handled.labels(*labels, code).inc()
         self.m.handling.labels(*labels).observe(elapsed)
-        self.m.requests.labels("grpc", labels[2], code).inc()
+        self.m.requests.labels("grpc", labels[2], code, CALL_LOG.get({}).get("client", "")).inc()
         self.m.request_seconds.labels("grpc", labels[2]).observe(elapsed)
         if labels[1] in SERVICES:
             entry = {"event": "rpc", "method": labels[2], "code": code, "seconds": round(elapsed, 4),
@@ -103,7 +119,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 entry["error"] = exc.message
             access.info(json.dumps(entry, ensure_ascii=False))
         if isinstance(exc, ShelfsightError):
-            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+            retry = getattr(exc, "retry_after", None)  # gRPC's retry pushback: when trying again may work
+            trailer = (("grpc-retry-pushback-ms", str(max(1, int(retry * 1000)))),) if retry else ()
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message, trailing_metadata=trailer)
         if exc is not None and not isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
             log.error("unexpected error in %s", labels[2], exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -112,8 +130,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def call(request, context):
             t0 = self._begin(labels)
             try:
-                _refuse_malformed(request)
-                reply = await behaviour(request, context)
+                with self._admit(context, labels) as client:
+                    if client:
+                        CALL_LOG.get({})["client"] = client
+                    _refuse_malformed(request)
+                    reply = await behaviour(request, context)
             except BaseException as e:  # noqa: BLE001 - classified, counted and re-raised as a status
                 await self._end(context, labels, t0, e)
                 raise
@@ -127,11 +148,14 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         async def call(request, context):
             t0 = self._begin(labels)
             try:
-                if refuse:
-                    _refuse_malformed(request)
-                async for item in behaviour(request, context):
-                    self.m.msg_sent.labels(*labels).inc()
-                    yield item
+                with self._admit(context, labels) as client:
+                    if client:
+                        CALL_LOG.get({})["client"] = client
+                    if refuse:
+                        _refuse_malformed(request)
+                    async for item in behaviour(request, context):
+                        self.m.msg_sent.labels(*labels).inc()
+                        yield item
             except BaseException as e:  # noqa: BLE001
                 await self._end(context, labels, t0, e)
                 raise
@@ -167,6 +191,13 @@ class Gateway:
         self.cache_store = open_store(settings.cache, self.metrics, self._on_cache)
         self.cache = ResultCache(settings.cache, self.cache_store)
         self.answers = Answers(settings, self.upstream, self.cache, self.metrics)
+        self.keys = KeyRing(settings.api_keys)
+        self.tls = TLSSettings(settings.tls_cert, settings.tls_key, settings.tls_client_ca).check()
+        if settings.cache_scope not in ("shared", "client"):
+            raise InvalidArgument(f"cache scope must be shared or client, got {settings.cache_scope!r}")
+        if settings.cache_scope == "client" and not self.keys.enabled:
+            raise InvalidArgument("--cache-scope client keys the cache by the calling client: it needs --api-keys")
+        self._http_ssl = None  # the HTTP face's SSL context, reloaded when the files change
         self.search = SearchService(settings, self.upstream, self.cache_store, self.metrics, self._on_catalog)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -197,7 +228,7 @@ class Gateway:
         s = self.settings
         return_freed_memory()
         self.health = health.aio.HealthServicer()
-        http = self.metrics.serve(s.metrics_host, s.metrics_port)
+        http = self.metrics.serve(s.metrics_host, s.metrics_port, ready=lambda: self.upstream.ready)
         self._http = http
         self.metrics_port = http.server_port
         for name in ("", SERVICE):
@@ -206,7 +237,7 @@ class Gateway:
         await self.health.set(CATALOG, health_pb2.HealthCheckResponse.NOT_SERVING)  # until the catalog answers
         if isinstance(self.cache_store, GuardedStore):  # one bounded PING: NOT_SERVING at once if Redis is down
             await self.cache_store.start()
-        self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics)],
+        self.server = grpc.aio.server(interceptors=[ObservingInterceptor(self.metrics, self.keys)],
                                       options=[("grpc.max_receive_message_length", 64 << 20)])
         pb_grpc.add_ProductVisionServicer_to_server(ProductVisionServicer(self.answers), self.server)
         pb_grpc.add_CatalogServicer_to_server(
@@ -215,7 +246,15 @@ class Gateway:
         reflection.enable_server_reflection(
             (SERVICE, CATALOG, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.tls.enabled:
+            self.port = self.server.add_secure_port(f"{s.host}:{s.port}", CertFiles(self.tls).grpc_credentials())
+        else:
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+            if s.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("listening on %s without TLS: anyone who can reach it reads the traffic (give "
+                            "--tls-cert and --tls-key; docs/security.md)", s.host)
+        if s.host not in ("127.0.0.1", "::1", "localhost") and not self.keys.enabled:
+            log.warning("listening on %s without --api-keys: anyone who can reach it may call it", s.host)
         if not self.port:
             raise Internal(f"cannot listen on {s.host}:{s.port}")
         await self.server.start()
@@ -239,7 +278,7 @@ class Gateway:
 
         s = self.settings
         fetcher = Fetcher(s.allow_image_urls, max_bytes=20 << 20)
-        app = build_app(self.answers, self.search, self.metrics, fetcher, s.upstream_timeout)
+        app = build_app(self.answers, self.search, self.metrics, fetcher, s.upstream_timeout, self.keys)
         # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose protocol says TCP.
         # With proto 0 every response on a kept-alive connection waited for the client's delayed ACK: 44 ms
         # a request instead of 0.5 ms (measured with curl and with the openai client).
@@ -256,12 +295,30 @@ class Gateway:
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=30,
                                 timeout_graceful_shutdown=s.shutdown_grace)
+        config.load()
+        if self.tls.enabled:  # our own context (uvicorn's would not reload): a second watcher of the same files
+            files = CertFiles(self.tls)
+            config.ssl = self._http_ssl = files.ssl_context()
+            self._tasks.spawn(self._watch_certs(files), name="TLS certificate watch")
         self._http_server = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]), name="http face")
         while not self._http_server.started and not self._http_task.done():
             await asyncio.sleep(0.01)
         if self._http_task.done():
             self._http_task.result()  # raises why it could not start
+
+    async def _watch_certs(self, files: CertFiles, every: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if files.changed():
+                files.reload(self._http_ssl)
+
+    def reload(self) -> None:
+        """SIGHUP: the keys file now (it is also read again when it changes); certificates are read
+        again by each face when their files change."""
+        if self.keys.enabled:
+            self.keys.reload()
+            log.info("API keys reloaded")
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), then close."""
@@ -282,6 +339,7 @@ class Gateway:
         await self.upstream.close()
         await self.cache.close()
         self._http.shutdown()
+        self._http.server_close()
         log.info("gateway stopped")
 
 
@@ -292,6 +350,7 @@ async def serve_forever(settings: GatewaySettings, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     if ready:
         ready(gateway)
     await stop.wait()

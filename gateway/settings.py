@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shelfsight import ports
 
@@ -79,5 +80,13 @@ class GatewaySettings:
     health_interval: float = 1.0  # seconds between readiness checks of a ready Triton (<= 0.25 s while not)
     http_port: int | None = None  # the OpenAI-compatible HTTP face (0: any free port; None: off)
     allow_image_urls: bool = False  # fetch http(s) image_url pictures (public addresses only, bounded)
+    # who may call (docs/security.md): TLS on both faces, API keys with rights and per-client limits
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: client certificates required and verified
+    api_keys: Path | None = None  # the keys file (`shelfsight keys add`); None: no keys asked for
+    # "shared": one cache for every caller (one trusted platform); "client": every entry keyed by the
+    # calling client too, so a cache hit's speed tells nobody what another client asked
+    cache_scope: str = "shared"
     cache: CacheSettings = field(default_factory=CacheSettings)
     search: SearchSettings = field(default_factory=SearchSettings)

@@ -141,7 +141,13 @@ def test_gateway_flags_ports_and_probes_match_the_code(docs):
     assert args.func.__name__ == "cmd_gateway"
     assert args.host == "0.0.0.0"  # reachable from the Service
     assert port_named(gw, "grpc") == args.port and port_named(gw, "metrics") == args.metrics_port
-    assert gw["readinessProbe"]["grpc"]["port"] == args.port  # the gateway serves grpc.health.v1
+    probe = gw["readinessProbe"]["httpGet"]  # the plaintext metrics port: kubelet's gRPC probe speaks no TLS
+    assert port_named(gw, probe["port"]) == args.metrics_port and probe["path"] == "/ready"
+    # TLS from a Secret mounted where the flags point
+    mounts = {m["name"]: m["mountPath"] for m in gw["volumeMounts"]}
+    secret = {v["name"]: v["secret"]["secretName"] for v in pod(docs, "shelfsight-gateway")["spec"]["volumes"]}
+    assert secret["tls"] == "shelfsight-gateway-tls"
+    assert str(args.tls_cert).startswith(mounts["tls"] + "/") and str(args.tls_key).startswith(mounts["tls"] + "/")
     assert gw["livenessProbe"]["tcpSocket"]["port"] in ("grpc", args.port)
     annotations = pod(docs, "shelfsight-gateway")["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == args.metrics_port

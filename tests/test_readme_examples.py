@@ -40,3 +40,38 @@ def test_the_curl_example(gateway):
     assert out.returncode == 0, out.stderr
     events = [e for e in out.stdout.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_the_security_example(triton, tmp_path):
+    """The README's keys, serve and ask lines: the key is made by its command, the gateway runs with the
+    settings its serve line parses to (the tiny model instead of its checkpoint), the ask line as written."""
+    import shlex
+
+    import trustme
+
+    from shelfsight.app.cli import build_parser
+    from shelfsight.gateway.cli import settings_from
+    from tests.conftest import running_gateway
+
+    lines = [" ".join(part.strip() for part in cmd.split("\\\n")) for cmd in
+             re.split(r"\n(?=#|\S+=|shelfsight)", block("sh", "shelfsight keys add"))]
+    keys_line, serve_line, ask_line = [line for line in lines if line.startswith(("shelfsight", "SHELFSIGHT"))]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "gateway.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "gateway.key"))
+    (tmp_path / "photo.jpg").write_bytes(photo(740))
+    env = os.environ | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", keys_line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and (tmp_path / "shop-web.key").read_text().startswith("ss-"), out.stderr
+    args = build_parser().parse_args(shlex.split(serve_line)[1:])
+    settings = settings_from(args, triton.grpc_url)
+    with running_gateway(triton.grpc_url, port=0, host="127.0.0.1", http_port=0,
+                         **{f: getattr(settings, f) if not str(getattr(settings, f)).endswith((".pem", ".key", ".json"))
+                            else tmp_path / str(getattr(settings, f)) for f in
+                            ("tls_cert", "tls_key", "api_keys", "cache_scope")}) as gw:
+        run = ask_line.replace("gateway.example:50051", f"127.0.0.1:{gw.port}")
+        out = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[miss" in out.stderr and "tokens" in out.stderr

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from shelfsight import errors  # noqa: E402
 from shelfsight.client.batch import DEFAULT_QUESTION as BATCH_QUESTION  # noqa: E402
-from shelfsight.client.client import ShelfsightClient  # noqa: E402
+from shelfsight.client.client import Connection, ShelfsightClient  # noqa: E402
 from shelfsight.evaluation.run import STUDY_SETTINGS  # noqa: E402
 from shelfsight.params import Limits  # noqa: E402
 from shelfsight.ui import ask, batch, evaluate, search  # noqa: E402
@@ -47,11 +47,12 @@ def _note(text: str) -> str:
 def build(settings: UISettings) -> gr.Blocks:
     workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="shelfsight-ui-"))
     target = settings.target
+    shown = Connection.of(target).target  # what the page names: the address, never a key
 
     def words(e: Exception) -> str:
         if not isinstance(e, errors.ShelfsightError):
             log.exception("unexpected failure in a UI handler")
-        return ask.explain(e, target, settings.timeout)
+        return ask.explain(e, shown, settings.timeout)
 
     # ---- gateway status ----
     def gateway_status() -> str:
@@ -59,11 +60,11 @@ def build(settings: UISettings) -> gr.Blocks:
             with ShelfsightClient(target) as client:
                 state = client.health()
         except errors.ShelfsightError:
-            return (f"**Gateway {target} is down:** not reachable (checked {time.strftime('%H:%M:%S')}). "
+            return (f"**Gateway {shown} is down:** not reachable (checked {time.strftime('%H:%M:%S')}). "
                     "Answers will fail until it is back; this page keeps working.")
         if state == "SERVING":
-            return f"Gateway {target}: **ready**"
-        return f"Gateway {target}: **up, the model is not ready** ({state})"
+            return f"Gateway {shown}: **ready**"
+        return f"Gateway {shown}: **up, the model is not ready** ({state})"
 
     # ---- Ask ----
     def show_photo(path, enhance):
@@ -319,7 +320,8 @@ def launch(settings: UISettings, block: bool = True) -> gr.Blocks:
         page.queue(default_concurrency_limit=8).launch(
             server_name=settings.host, server_port=port, prevent_thread_lock=not block,
             quiet=True, show_error=False, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
-            footer_links=["settings"], allowed_paths=[str(page.workdir)], css=CSS)
+            footer_links=["settings"], allowed_paths=[str(page.workdir)], css=CSS,
+            auth=list(settings.auth) or None)
     except OSError as e:  # Gradio: "Cannot find empty port..." when the port is taken
         raise errors.FailedPrecondition(f"the web UI cannot listen on {settings.host}:{port} ({e})") from None
     return page

@@ -5,11 +5,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shelfsight import ports
+from shelfsight.client.client import Connection
 
 
 @dataclass(frozen=True)
 class UISettings:
-    target: str = ports.GATEWAY_ADDRESS  # the gateway, HOST:PORT
+    # the gateway: HOST:PORT, or a Connection (TLS, an API key) when it asks for them
+    target: "str | Connection" = ports.GATEWAY_ADDRESS
+    # who may open the page (Gradio's login): (user, password) pairs; empty: anyone who reaches it
+    auth: tuple[tuple[str, str], ...] = ()
     host: str = ports.LOCALHOST  # where the page is served; --host 0.0.0.0 opens it to the network
     port: int = ports.UI  # 0: any free port
     workdir: Path | None = None  # batch and evaluation outputs; None: a temporary folder per process

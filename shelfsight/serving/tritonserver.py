@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -71,6 +72,15 @@ class TritonSettings:
 
 
 UNLOAD_BUDGET = 10  # seconds of the exit timeout kept for unloading the models (measured 3-8 s)
+# Triton's APIs that nobody in front of it needs, restricted to callers who send a header whose value
+# is made at each start and known to this process only (docs/security.md): changing log settings,
+# loading and unloading models, registering shared memory, tracing, statistics - and, on HTTP, inference
+# itself (the gateway answers through gRPC; a local process could otherwise skip the gateway's checks
+# and limits through the HTTP port). Health, metadata and model config stay open: the supervisor, the
+# gateway and Kubernetes probes read them.
+RESTRICTED_HTTP = "logging,model-repository,shared-memory,trace,statistics,inference"
+RESTRICTED_GRPC = "logging,model-repository,shared-memory,trace,statistics"
+ADMIN_HEADER = "shelfsight-admin"
 
 
 class TritonServer:
@@ -85,6 +95,7 @@ class TritonServer:
         lifecycle.claim(self._workdir, self.shm_prefix)
         self.log_path = settings.log_path or self._workdir / "tritonserver.log"
         self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
+        self.admin_key = secrets.token_hex(16)  # the ADMIN_HEADER value the restricted APIs want
         self._stopped = False
 
     @property
@@ -164,6 +175,8 @@ class TritonServer:
                 f"--exit-timeout-secs={s.exit_timeout}",
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
+                f"--http-restricted-api={RESTRICTED_HTTP}:{ADMIN_HEADER}={self.admin_key}",
+                f"--grpc-restricted-protocol={RESTRICTED_GRPC}:{ADMIN_HEADER}={self.admin_key}",
                 *s.extra_args]
 
     def environment(self) -> dict:
