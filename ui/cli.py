@@ -10,7 +10,7 @@ def register(sub) -> None:
 
     s = UISettings()
     u = sub.add_parser("ui", help="the web workbench (Gradio) over a running gateway: ask, history, batch, evaluate")
-    u.add_argument("--target", default=s.target, help="gateway HOST:PORT")
+    u.add_argument("--target", default=s.target.target, help="gateway HOST:PORT")
     u.add_argument("--port", type=int, default=s.port, help="the page's port (0: any free port)")
     u.add_argument("--host", default=s.host, help="address the page listens on (0.0.0.0 opens it to the network)")
     u.add_argument("--workdir", type=Path, help="where batch and evaluation results are kept (default: a temp folder)")
