@@ -2,11 +2,15 @@
 
     python bench/engine.py                       # tiny random model on CPU: slot runner vs reference runner
     python bench/engine.py --shape 2b --device cuda --dtype bfloat16 --new-tokens 128 --generate
+    python bench/engine.py --shape small --chunks 0,512,128 --no-reference --concurrency 8,16
+                                                 # chunked prefill: TTFT and ms/token under load
 
 Reports, per concurrency level (closed loop: that many requests in flight, --rounds x concurrency in
 all; answers forced to --new-tokens tokens, greedy, one 448x448 product photo each): time to first
-token, ms per output token, requests/s and tokens/s, and the tokens/s ratio against the reference
-runner (or generate(), which runs each level as one left-padded batch, its best case).
+token (median and 90th percentile), ms per output token (median over requests), requests/s and tokens/s,
+and the tokens/s ratio against the reference runner (or generate(), which runs each level as one
+left-padded batch, its best case). --chunks runs the slot engine once per prefill chunk budget
+(EngineConfig.prefill_chunk_tokens; 0 = whole prompts between two decode steps).
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
             x = todo.pop(0)
             s = Timed(on_done=submit_next)
             sinks.append(s)
-        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
+        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels),
                               torch.from_numpy(x.image_grid_thw), (f"bench-{time.perf_counter()}",), p, s))
 
     t0 = time.perf_counter()
@@ -108,8 +112,13 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
         raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
     return {"wall_s": wall, "requests": len(sinks), "tokens": sum(s.tokens for s in sinks),
             "ttft_ms": 1000 * statistics.median(s.first - s.t0 for s in sinks),
+            "ttft_p90_ms": 1000 * p90([s.first - s.t0 for s in sinks]),
             "ms_per_token": 1000 * statistics.median((s.last - s.first) / max(1, s.tokens - 1) for s in sinks),
             "req_s": len(sinks) / wall, "tok_s": sum(s.tokens for s in sinks) / wall}
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
 
 
 def run_generate(model, inputs, new_tokens, device) -> dict:
@@ -137,27 +146,28 @@ def run_generate(model, inputs, new_tokens, device) -> dict:
     sync()
     wall = time.perf_counter() - t0
     n = len(inputs)
-    return {"wall_s": wall, "requests": n, "tokens": n * new_tokens, "ttft_ms": 1000 * ttft,
+    return {"wall_s": wall, "requests": n, "tokens": n * new_tokens, "ttft_ms": 1000 * ttft, "ttft_p90_ms": 1000 * ttft,
             "ms_per_token": 1000 * (wall - ttft) / max(1, new_tokens - 1), "req_s": n / wall,
             "tok_s": n * new_tokens / wall}
 
 
-def make_engine(model, tokenizer, runner: str, max_batch: int, max_model_len: int) -> Engine:
+def make_engine(model, tokenizer, runner: str, max_batch: int, max_model_len: int, chunk: int = 512) -> Engine:
     engine = Engine(model, tokenizer, EngineConfig(max_batch=max_batch, max_waiting=4096, max_prefill_tokens=16_384,
                                                    max_model_len=max_model_len, vision_cache_bytes=0,
-                                                   runner=runner))
+                                                   runner=runner, prefill_chunk_tokens=chunk))
     engine.start()
     return engine
 
 
 def row(c, name, r, base) -> str:
-    return (f"| {c} | {name} | {r['ttft_ms']:.1f} | {r['ms_per_token']:.2f} | {r['req_s']:.2f} | {r['tok_s']:.0f} | "
+    return (f"| {c} | {name} | {r['ttft_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['ms_per_token']:.2f} | {r['req_s']:.2f} | "
+            f"{r['tok_s']:.0f} | "
             f"{r['tok_s'] / base['tok_s']:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="tiny", choices=("tiny", "2b"))
+    ap.add_argument("--shape", default="tiny", choices=("tiny", "small", "2b"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -166,20 +176,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also time transformers generate()")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference runner")
+    ap.add_argument("--chunks", default="512", help="slot engine prefill chunk budgets to compare (0 = none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = build_model(args.shape, args.device, args.dtype)
     pre = Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
     levels = [int(c) for c in args.concurrency.split(",")]
     max_len = 512 + args.new_tokens
-    runners = ["slots"] + ([] if args.no_reference else ["reference"])
-    engines = {r: make_engine(model, tokenizer, r, max(levels), max_len) for r in runners}
+    chunks = [int(c) for c in args.chunks.split(",")]
+    engines = {(f"slots chunk {c}" if len(chunks) > 1 else "slots"): make_engine(model, tokenizer, "slots", max(levels),
+                                                                               max_len, c) for c in chunks}
+    if not args.no_reference:
+        engines["reference"] = make_engine(model, tokenizer, "reference", max(levels), max_len)
     warm = requests(pre, 2)
     for e in engines.values():
         run_engine(e, warm, 2, 4)
     print(f"# {args.shape} random Qwen3-VL, {args.device} {args.dtype}, {args.new_tokens} new tokens, 448x448")
-    print("| concurrency | system | TTFT ms | ms/token | req/s | tok/s | tok/s ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrency | system | TTFT ms | TTFT p90 ms | ms/token | req/s | tok/s | tok/s ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in levels:
         inputs = requests(pre, c * args.rounds)
         results = {}
@@ -187,7 +201,7 @@ def main() -> None:
             results["generate()"] = run_generate(model, inputs[:c], args.new_tokens, args.device)
         for name, e in engines.items():
             results[f"engine/{name}"] = run_engine(e, inputs, c, args.new_tokens)
-        base = results.get("engine/reference") or results.get("generate()") or results["engine/slots"]
+        base = results.get("engine/reference") or results.get("generate()") or next(iter(results.values()))
         for name, r in results.items():
             print(row(c, name, r, base), flush=True)
     for e in engines.values():

@@ -5,7 +5,10 @@
 Both sides get the same encoded JPEG photos and the same question and produce the same tensors
 (tests/test_preprocessing.py checks equality): decode with Pillow, resize by Qwen's rule
 (max 1,048,576 pixels), normalize, cut patches, render and tokenize the prompt.
-Prints images/s per picture size and overall, with the ratio shelfsight / processor.
+Prints images/s per picture size and overall, with the ratio shelfsight / processor, for shelfsight's
+preprocess step as served (it stops at the resized uint8 pixels; `generate` cuts and normalizes the
+patches on its device) and with the patches computed here too (what preprocess did before), and the
+bytes each sends to `generate` per picture.
 """
 from __future__ import annotations
 
@@ -77,18 +80,26 @@ def main() -> None:
     def ours(data: bytes):
         return pre(data, QUESTION)
 
+    def ours_patches(data: bytes):
+        return pre(data, QUESTION).pixel_values
+
     print(f"# preprocessing, torch threads {args.threads}, best of {args.rounds}")
-    print("| picture | processor img/s | shelfsight img/s | ratio |")
-    print("|---|---|---|---|")
-    t_base = t_ours = n = 0
+    print("| picture | processor img/s | shelfsight img/s (pixels) | ratio | shelfsight + patches img/s | ratio "
+          "| pixels KB | patches KB |")
+    print("|---|---|---|---|---|---|---|---|")
+    t_base = t_ours = t_patch = n = 0
     for w, h in SIZES:
         items = photos(w, h)
-        b, o = rate(baseline, items, args.rounds), rate(ours, items, args.rounds)
+        b, o, op = (rate(fn, items, args.rounds) for fn in (baseline, ours, ours_patches))
         t_base += len(items) / b
         t_ours += len(items) / o
+        t_patch += len(items) / op
         n += len(items)
-        print(f"| {w}x{h} JPEG | {b:.1f} | {o:.1f} | {o / b:.2f} |", flush=True)
-    print(f"| all ({n} pictures) | {n / t_base:.1f} | {n / t_ours:.1f} | {t_base / t_ours:.2f} |")
+        x = pre(items[0], QUESTION)
+        print(f"| {w}x{h} JPEG | {b:.1f} | {o:.1f} | {o / b:.2f} | {op:.1f} | {op / b:.2f} | {x.pixels.nbytes / 1e3:.0f} "
+              f"| {x.pixel_values.nbytes / 1e3:.0f} |", flush=True)
+    print(f"| all ({n} pictures) | {n / t_base:.1f} | {n / t_ours:.1f} | {t_base / t_ours:.2f} | {n / t_patch:.1f} "
+          f"| {t_base / t_patch:.2f} | | |")
 
 
 if __name__ == "__main__":

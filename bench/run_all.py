@@ -34,6 +34,7 @@ BENCHMARKS = {
     "gateway_memory": 300,  # three fresh processes, 160 pictures each: ~75 s here
     "search": 600,  # embed at batch 1/8/32 both ways, 20k vectors in Postgres and FAISS: ~120 s here
     "structured": 720,  # free vs constrained requests at c=1, 8, 32, three times each: ~150 s here
+    "int4": 600,  # tinygemm vs dense per batch bucket, 2B layer shapes, bf16 and fp32: ~65 s here
 }
 STDERR_TAIL = 3000  # characters of a failed benchmark's stderr worth showing
 

@@ -58,7 +58,7 @@ def run(engine, inputs, concurrency: int, new_tokens: int, constrained: bool) ->
             s = Timed(on_done=submit_next)
             sinks.append(s)
         p = GenerationParams(max_new_tokens=new_tokens, seed=i, ignore_eos=not constrained)
-        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixel_values),
+        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels),
                               torch.from_numpy(x.image_grid_thw), (f"bench-{time.perf_counter()}",), p, s,
                               response_format=LONG if constrained else None))
 

@@ -18,7 +18,7 @@ from shelfsight import params
 from shelfsight.engine import EncoderConfig, EngineConfig, preset
 from shelfsight.errors import InvalidArgument
 from shelfsight.export.staging import Staging
-from shelfsight.model import checkpoint, imaging, qwen
+from shelfsight.model import checkpoint, imaging
 from shelfsight.params import GenerationParams
 from shelfsight.serving import contract, manifest
 
@@ -63,12 +63,6 @@ def parameter_inputs() -> dict[str, str]:
     return {"PARAMETER_INPUTS": ",\n".join(inputs), "PARAMETER_MAP": "\n".join(mapping)}
 
 
-def patch_dim(config: dict) -> int:
-    v = config.get("vision_config", {})
-    patch = v.get("patch_size", qwen.PATCH_SIZE)
-    return v.get("in_channels", 3) * v.get("temporal_patch_size", qwen.TEMPORAL_PATCH_SIZE) * patch * patch
-
-
 def served(path: Path) -> manifest.Served:
     info = checkpoint.inspect(path)
     fingerprint = checkpoint.fingerprint(info.path)
@@ -111,10 +105,8 @@ def build(job: RepositoryJob) -> manifest.ServingManifest:
         engine=replace(target.engine, max_batch=job.max_batch),
         encoder=replace(target.encoder, dimensions=job.dimensions),
     )
-    some = next(path for path in (job.model, job.embedding, job.reranker) if path is not None)
     kind = "KIND_GPU" if target.device == "cuda" else "KIND_CPU"
-    values = {"MAX_BATCH": job.max_batch, "PATCH_DIM": patch_dim(checkpoint.inspect(some).config),
-              "PREPROCESS_INSTANCES": job.preprocess_instances, "COLLECT_INSTANCES": job.collect_instances,
+    values = {"MAX_BATCH": job.max_batch, "PREPROCESS_INSTANCES": job.preprocess_instances, "COLLECT_INSTANCES": job.collect_instances,
               "GENERATE_KIND": kind, "ENCODER_KIND": kind, **parameter_inputs()}
 
     def write(model: str, template: str, code: bool, **extra) -> None:

@@ -24,6 +24,14 @@ SHAPES = {
         # and batching tests can tell requests apart.
         init_std=0.3,
     ),
+    # between the two, for CPU benchmarks where prefill must cost something next to a decode step
+    "small": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, mrope_section=[12, 10, 10]),
+        vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
+                    deepstack_visual_indexes=[0, 1, 2]),
+        init_std=0.02,
+    ),
     "2b": dict(
         text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]),

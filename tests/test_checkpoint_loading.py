@@ -108,3 +108,40 @@ def test_missing_or_foreign_tensor_is_named(quantized, tmp_path):
         {"model.language_model.norm.weight": torch.ones(7, dtype=torch.bfloat16)}))
     with pytest.raises(FailedPrecondition, match=r"norm\.weight is \(7,\)"):
         checkpoint.load_model(tmp_path / "shape")
+
+
+def test_int4_engine_answers_alike_with_tinygemm_or_the_dense_copy(quantized):
+    """EngineConfig.int4_dense_from: 0 keeps tinygemm at every batch (no copy); 2 moves every matmul of
+    2 rows or more (decode at 4 rows, prefill) to the dequantized copy. Same answers either way; the
+    copy's bytes are reported, and CPU's default (-1) keeps none."""
+    from transformers import AutoTokenizer
+
+    from shelfsight import params
+    from shelfsight.engine import Engine, EngineConfig, Request
+    from shelfsight.model import imaging
+    from shelfsight.model.preprocessing import load_preprocessor
+    from shelfsight.params import GenerationParams
+    from tests.test_engine import QUESTIONS, Collect, images
+
+    path = quantized["int4"]
+    tok = AutoTokenizer.from_pretrained(path)
+    pre = load_preprocessor(path, 65_536, 1_048_576, imaging.ImageLimits(), params.Limits())
+    answers, kernels = {}, {}
+    for setting in (-1, 0, 2):
+        model = checkpoint.load_model(path, dtype="float32")
+        engine = Engine(model, tok, EngineConfig(max_batch=4, int4_dense_from=setting))
+        engine.start()
+        try:
+            sinks = [Collect() for _ in range(4)]
+            for i, s in enumerate(sinks):
+                engine.submit(Request.of(pre(images()[i], QUESTIONS[i]), GenerationParams(max_new_tokens=8, temperature=0.0),
+                                         s))
+            assert all(s.done.wait(120) for s in sinks)
+            answers[setting] = [s.text for s in sinks]
+            kernels[setting] = engine.runner.int4_kernels
+        finally:
+            engine.stop()
+    assert kernels[-1] is None and kernels[0] == {"dense_from": None, "dense_bytes": 0, "timings": []}
+    assert kernels[2]["dense_from"] == 2 and kernels[2]["dense_bytes"] > 0
+    assert answers[0] == answers[2] == answers[-1]
+    assert len(set(answers[0])) > 1  # the requests were told apart

@@ -28,9 +28,9 @@ from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu")
-K8S_VERSION = "1.30.0"  # the oldest Kubernetes the README promises (gRPC probes, preStop sleep)
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes docs/deploy.md promises (gRPC probes, preStop sleep)
 # The slowest decode step measured through the whole stack (Triton `pipeline_stream`, 32 streams on an
-# H100, README "Deployment"): the longest answer is the longest allowed one at this pace.
+# H100, docs/deploy.md): the longest answer is the longest allowed one at this pace.
 SLOWEST_STEP_SECONDS = 0.075
 
 

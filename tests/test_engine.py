@@ -153,16 +153,18 @@ def test_inconsistent_requests_are_refused_at_submit(setup):
     ids = torch.from_numpy(x.input_ids)
     grid = torch.from_numpy(x.image_grid_thw)
     with pytest.raises(InvalidArgument, match="image-token runs"):
-        engine.submit(Request(ids[:-30], torch.from_numpy(x.pixel_values), grid, ("k",), p, Collect()))
-    with pytest.raises(InvalidArgument, match="patches"):
-        engine.submit(Request(ids, torch.from_numpy(x.pixel_values[:10]), grid, ("k",), p, Collect()))
+        engine.submit(Request(ids[:-30], torch.from_numpy(x.pixels), grid, ("k",), p, Collect()))
+    with pytest.raises(InvalidArgument, match=rf"pixels must be {x.pixels.size} bytes .* got 10 torch.uint8"):
+        engine.submit(Request(ids, torch.from_numpy(x.pixels[:10]), grid, ("k",), p, Collect()))
+    with pytest.raises(InvalidArgument, match=f"got {x.pixels.size} torch.float32"):  # patches are not pixels
+        engine.submit(Request(ids, torch.from_numpy(x.pixels).float(), grid, ("k",), p, Collect()))
     with pytest.raises(InvalidArgument, match=r"\[\[1, 3, 4\]\] is not a multiple of the model's merge size 2"):
-        engine.submit(Request(ids, torch.zeros(12, x.pixel_values.shape[1]), torch.tensor([[1, 3, 4]]), ("k",), p,
-                              Collect()))
+        engine.submit(Request(ids, torch.zeros(12 * 16 * 16 * 3, dtype=torch.uint8), torch.tensor([[1, 3, 4]]), ("k",),
+                              p, Collect()))
     with pytest.raises(InvalidArgument, match="1 image keys for 2 pictures"):
-        engine.submit(Request(ids, torch.from_numpy(x.pixel_values), grid.repeat(2, 1), ("k",), p, Collect()))
+        engine.submit(Request(ids, torch.from_numpy(x.pixels), grid.repeat(2, 1), ("k",), p, Collect()))
     with pytest.raises(InvalidArgument, match="exceeds the model length"):
-        engine.submit(Request(ids, torch.from_numpy(x.pixel_values), grid, ("k",),
+        engine.submit(Request(ids, torch.from_numpy(x.pixels), grid, ("k",),
                               GenerationParams(max_new_tokens=40_000), Collect()))
 
 

@@ -63,6 +63,26 @@ def test_parity_with_transformers_processor(processor, pre, name):
     assert diff <= 1e-6, f"pixel values differ by up to {diff}"
 
 
+def test_pixels_cross_the_boundary_at_an_eighth_of_the_patch_bytes(processor, pre):
+    """Preprocessing sends uint8 pixels; the engine's half (Patchifier.patches, what `generate` runs on
+    its device) turns them into the processor's patches. Several pictures at once, in order."""
+    from shelfsight.model.preprocessing import Patchifier
+
+    names = ["jpeg-448", "rgba-png", "exif-orientation-6", "odd-333x517"]
+    pics = pre.pictures([CASES[n] for n in names])
+    assert pics.pixels.dtype == np.uint8 and pics.pixels.ndim == 1
+    patches = Patchifier(pre.patchify.policy).patches(torch.from_numpy(pics.pixels), torch.from_numpy(pics.grids))
+    assert patches.dtype == torch.float32 and patches.shape[0] == int(pics.grids.prod(-1).sum())
+    assert patches.numel() * patches.element_size() == 8 * pics.pixels.nbytes
+    at = 0
+    for n in names:
+        ref = reference_inputs(processor, CASES[n], "q")["pixel_values"]
+        assert torch.equal(patches[at:at + ref.shape[0]], ref), n  # bit for bit
+        at += ref.shape[0]
+    with pytest.raises(InvalidArgument, match="pixels hold 5 bytes"):
+        Patchifier(pre.patchify.policy).patches(torch.zeros(5, dtype=torch.uint8), torch.from_numpy(pics.grids[:1]))
+
+
 def test_parity_with_system_prompt_and_cjk(processor, pre):
     data = CASES["jpeg-448"]
     q, system = "请列出画面中所有的品牌。", "You are a product recognition assistant."

@@ -17,8 +17,9 @@ from tests.test_gateway import photo
 
 def block(language: str, containing: str) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (found,) = [b for b in blocks if containing in b]
-    return found
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"README.md has {len(found)} {language} blocks containing {containing!r}, not one"
+    return found[0]
 
 
 def test_the_python_example(gateway, tmp_path):

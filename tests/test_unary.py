@@ -1,6 +1,6 @@
 """The unary `pipeline` contract under concurrency, on the real tritonserver with the tiny model: each
 request is answered when its own generation ends (issue 14), with the same text as the stream, and the
-README's stock-tritonclient example runs against it."""
+stock-tritonclient example of docs/triton.md runs against it."""
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +58,7 @@ def test_each_unary_answer_comes_when_its_own_generation_ends(triton):
 
 
 def test_readme_example_with_a_stock_tritonclient(triton, tmp_path):
-    """examples/triton_client.py (shown in README's contract section) uses tritonclient alone."""
+    """examples/triton_client.py (shown in docs/triton.md, the contract's page) uses tritonclient alone."""
     photo = tmp_path / "product.jpg"
     photo.write_bytes(pictures(1, first_seed=800)[0])
     common = [sys.executable, str(ROOT / "examples" / "triton_client.py"), "--url", triton.grpc_url,
@@ -81,10 +81,12 @@ def test_readme_example_with_a_stock_tritonclient(triton, tmp_path):
 
 
 def test_readme_snippet_runs_as_written(triton, tmp_path):
-    """The python block of README's "Calling `pipeline` with a stock `tritonclient`", run with only the
-    file name and the URL replaced."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Calling `pipeline` with a stock `tritonclient`"):]
+    """The python block of docs/triton.md's "Calling `pipeline` with a stock `tritonclient`", run with only
+    the file name and the URL replaced."""
+    page = (ROOT / "docs" / "triton.md").read_text()
+    heading = "\n## Calling `pipeline` with a stock `tritonclient`\n"
+    assert page.count(heading) == 1, f"docs/triton.md lost its section {heading.strip()!r}"
+    section = page[page.index(heading):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
     assert "product.jpg" in code and "localhost:8001" in code
     photo = tmp_path / "product.jpg"

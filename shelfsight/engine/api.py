@@ -33,14 +33,15 @@ class Sink(Protocol):
 class Prompt:
     """A model's input: the prompt's tokens and the pictures it holds."""
     input_ids: torch.Tensor  # [L] int64, each picture's visual tokens as a run of <|image_pad|>
-    pixel_values: torch.Tensor  # [P, C*T*P*P] float32: every picture's patches in order (0 rows: text only)
+    pixels: torch.Tensor  # [N] uint8: every picture's resized H x W x 3, in order (0 bytes: text only);
+    # the engine cuts and normalizes the patches on its device (model/preprocessing.py Patchifier.patches)
     grid_thw: torch.Tensor  # [n, 3] int64: (1, grid_h, grid_w) per picture
     image_keys: tuple[str, ...]  # per picture; equal keys mean equal patches (the vision cache's key)
 
     @staticmethod
     def tensors(inputs) -> tuple:
         """Preprocessing's ModelInputs (numpy) as this class's first four fields, copied into tensors."""
-        return (torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.pixel_values),
+        return (torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.pixels, dtype=torch.uint8),
                 torch.tensor(inputs.image_grid_thw, dtype=torch.int64).reshape(-1, 3), tuple(inputs.image_keys))
 
     @classmethod

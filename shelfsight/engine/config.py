@@ -11,7 +11,10 @@ from shelfsight.errors import InvalidArgument
 class EngineConfig:
     max_batch: int = 32  # rows decoded together = KV-cache slots
     max_waiting: int = 256  # queued beyond the running batch; more is refused (RESOURCE_EXHAUSTED)
-    max_prefill_tokens: int = 8192  # prompt tokens admitted in one prefill (at least one request)
+    max_prefill_tokens: int = 8192  # prompt tokens admitted at once (at least one request)
+    # slot runner: prompt tokens prefilled between two decode steps (a longer prompt continues in the
+    # next iteration), so a burst of new requests does not stall the running streams; 0 = no limit
+    prefill_chunk_tokens: int = 512
     # prompt + answer, and the length of every KV-cache slot: the cache holds max_batch + 1 slots of
     # this many tokens per layer, allocated once (2B shape, bf16: 112 KiB a token, 15 GB at 32 x 4096)
     max_model_len: int = 4096
@@ -19,6 +22,11 @@ class EngineConfig:
     runner: str = "slots"  # slots: fixed KV slots + compact decoder | reference: transformers DynamicCache
     cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
     warm_kv_len: int = 1024  # on CUDA, capture every batch bucket up to this KV length at start
+    # int4 weights: from how many rows a matmul uses a dequantized copy instead of tinygemm (which does
+    # not hold at large batch). -1: measured at start on CUDA (model/qlinear.py choose_int4_threshold;
+    # tinygemm everywhere on CPU); 0: never (no copy); n: from n rows. The copy costs 2 bytes a weight
+    # (bf16): +2.8 GB next to 0.75 GB of int4 for the 2B text decoder.
+    int4_dense_from: int = -1
     # A stream gets at most one response per interval (the first token and the last at once): each
     # response, and each cancellation check, is a round trip through Triton's stub IPC. Per token, at
     # 32 streams, they made a step 13.8 ms through Triton against 3.7 ms in process (H100, 2B bf16);

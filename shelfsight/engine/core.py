@@ -34,6 +34,7 @@ from shelfsight.engine.scheduler import Scheduler
 from shelfsight.errors import FailedPrecondition, Internal, InvalidArgument, ShelfsightError, Unavailable
 from shelfsight.formats import ResponseFormat
 from shelfsight.model import qwen
+from shelfsight.model.preprocessing import PixelPolicy
 
 log = logging.getLogger(__name__)
 RUNNERS = ("slots", "reference")
@@ -51,10 +52,11 @@ def make_runner(model, config: EngineConfig):
     raise InvalidArgument(f"unknown engine runner {config.runner!r}; choose one of {', '.join(RUNNERS)}")
 
 
-def check_inputs(req, merge_size: int) -> None:
+def check_inputs(req, policy: PixelPolicy) -> None:
     """A request's tensors agree with each other (a direct caller of `generate` or `embed` may send
-    anything): the grids, the patches, and the prompt's runs of <|image_pad|>, one run per picture of
+    anything): the grids, the pixels, and the prompt's runs of <|image_pad|>, one run per picture of
     exactly its visual tokens, in order (M-RoPE gives each run one picture's positions)."""
+    merge_size = policy.merge_size
     ids, grid = req.input_ids, req.grid_thw
     if ids.ndim != 1 or ids.numel() == 0:
         raise InvalidArgument("input_ids must be a non-empty 1-D sequence")
@@ -64,9 +66,11 @@ def check_inputs(req, merge_size: int) -> None:
         raise InvalidArgument(f"{len(req.image_keys)} image keys for {grid.shape[0]} pictures")
     if grid.shape[0] and bool(((grid[:, 1:] % merge_size) != 0).any()):
         raise InvalidArgument(f"image_grid_thw {grid.tolist()} is not a multiple of the model's merge size {merge_size}")
-    if req.pixel_values.ndim != 2 or req.pixel_values.shape[0] != int(grid.prod(-1).sum()):
-        raise InvalidArgument(f"pixel_values has {req.pixel_values.shape[0]} patches, the grids say "
-                              f"{int(grid.prod(-1).sum())}")
+    want = int(grid.prod(-1).sum()) * policy.patch_size ** 2 * 3
+    if req.pixels.dtype != torch.uint8 or req.pixels.ndim != 1 or req.pixels.numel() != want:
+        raise InvalidArgument(f"pixels must be {want} bytes (uint8, each picture's {policy.patch_size} x grid "
+                              f"pixels x 3 channels) for the grids {grid.tolist()}; got {req.pixels.numel()} "
+                              f"{req.pixels.dtype} values of shape {list(req.pixels.shape)}")
     pads = (ids == qwen.IMAGE_PAD_ID).int()
     edges = torch.diff(pads, prepend=pads.new_zeros(1), append=pads.new_zeros(1))
     runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
@@ -76,16 +80,22 @@ def check_inputs(req, merge_size: int) -> None:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), observer: Observer | None = None):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), observer: Observer | None = None,
+                 pixels: PixelPolicy | None = None):
+        """`pixels`: how requests' pixels become patches (preprocessing.load_policy(checkpoint)); by
+        default the model config's geometry with Qwen3-VL's mean and std."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
-        # patches merged into one visual token per side: the checkpoint's own, 2 for Qwen3-VL
-        self.merge_size = getattr(model.config.vision_config, "spatial_merge_size", qwen.MERGE_SIZE)
+        self.pixels = pixels or PixelPolicy.of_model(model.config)
+        self.merge_size = self.pixels.merge_size  # patches merged into one visual token per side
         self.observer = SafeObserver(observer or Observer())
         self.vision_cache = VisionCache(config.vision_cache_bytes)
         self.scheduler: Scheduler[Request] = Scheduler(config.max_batch, config.max_waiting,
                                                        config.max_prefill_tokens)
         self.runner = make_runner(model, config)
+        # slot runner: prompts prefilled in chunks between decode steps (engine thread only); the
+        # reference runner prefills whole groups through transformers instead
+        self.prefilling = self.runner.prefill_queue(model) if hasattr(self.runner, "prefill_queue") else None
         self.output = OutputStage(self.observer, config.stream_interval)
         self.batch = Batch()  # engine thread only
         self._cv = threading.Condition()
@@ -150,7 +160,7 @@ class Engine:
             return self._grammars
 
     def _validate(self, req: Request) -> None:
-        check_inputs(req, self.merge_size)
+        check_inputs(req, self.pixels)
         total = req.input_ids.numel() + req.params.max_new_tokens
         if total > self.config.max_model_len:
             raise InvalidArgument(f"prompt ({req.input_ids.numel()} tokens) + max_new_tokens "
@@ -165,9 +175,9 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stop and not self.scheduler.waiting and not len(self.batch):
+                    while not self._stop and not self.scheduler.waiting and not self._busy():
                         self._cv.wait(timeout=1.0)
-                    if self._stop and not len(self.batch) and not self.scheduler.waiting:
+                    if self._stop and not self._busy() and not self.scheduler.waiting:
                         return
                     if self._abort:
                         self._fail_all(Unavailable("the model server is shutting down"))
@@ -178,6 +188,8 @@ class Engine:
                 try:
                     if admitted:
                         self._prefill_group(admitted)
+                    if self.prefilling:
+                        self._prefill_chunk()
                     launched = self._launch() if len(self.batch) else None
                     got = self._read(*pending) if pending is not None else None
                     if launched is not None and isinstance(launched[1], Forwarded):
@@ -190,6 +202,9 @@ class Engine:
                     pending = None
                     self._fail_running(Unavailable(f"generation failed: {type(e).__name__}: {e}"))
                 self.observer.step(*self.load())
+
+    def _busy(self) -> bool:
+        return bool(len(self.batch) or self.prefilling)
 
     def _finish(self, rows: list[Row]) -> None:
         for row in rows:
@@ -206,9 +221,19 @@ class Engine:
         self._finish(rows)
         self.runner.reset()
 
+    def _drop_prefilling(self, rows: list[Row], error: ShelfsightError) -> None:
+        """Rows that never reached the batch: their requests end with `error`, their slots are freed."""
+        for row in rows:
+            row.req.sink.fail(error)
+            with self._cv:
+                self.scheduler.release(row.slot)
+
     def _fail_all(self, error: ShelfsightError) -> None:  # called under the lock
         for req in self.scheduler.drain():
             req.sink.fail(error)
+        for row in self.prefilling.clear() if self.prefilling else []:
+            row.req.sink.fail(error)
+            self.scheduler.release(row.slot)
         for row in self.batch.rows():
             row.req.sink.fail(error)
             row.matcher = None
@@ -217,17 +242,21 @@ class Engine:
         self.runner.reset()
 
     def _prefill_group(self, admitted: list[tuple[Request, int]]) -> None:
+        """Admitted requests: their pictures through the vision tower (one pass for the group), then
+        queued for chunked prefill (slot runner) or prefilled at once through transformers (reference)."""
         rows = [Row(req, slot, sampling.seed_for(req.params), IncrementalDetokenizer(self.tokenizer))
                 for req, slot in admitted]
+        reqs = [r.req for r in rows]
         try:
-            pre = prefill(self.model, [r.req for r in rows],
-                          vision(self.model, [r.req for r in rows], self.vision_cache, self.observer))
+            feats = vision(self.model, reqs, self.vision_cache, self.observer, self.pixels)
+            if self.prefilling is not None:
+                self.prefilling.add(rows, feats)
+                return
+            pre = prefill(self.model, reqs, feats)
         except Exception as e:
             if len(rows) == 1:
                 log.exception("prefill failed")
-                rows[0].req.sink.fail(Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
-                with self._cv:
-                    self.scheduler.release(rows[0].slot)
+                self._drop_prefilling(rows, Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
                 return
             # isolate the culprit: each request again on its own
             for pair in admitted:
@@ -235,8 +264,25 @@ class Engine:
             return
         for r, n, d in zip(rows, pre.lengths, pre.deltas):
             r.length, r.delta = n, d
+        self._join(rows, pre)
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the queued prompts (slot_prefill.py); rows whose prompt it completed join the batch."""
+        chunk = self.prefilling.step(decoding=bool(len(self.batch)))
+        if chunk.cancelled:
+            self._drop_prefilling(chunk.cancelled, CANCELLED)
+        if chunk.failed:
+            e = chunk.error
+            self._drop_prefilling(chunk.failed, Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
+        if chunk.finished:
+            self._join(chunk.finished, chunk.logits)
+
+    def _join(self, rows: list[Row], prefilled) -> None:
+        """Rows whose prompts are in the runner (`prefilled`: their logits, or the reference runner's
+        Prefilled) get their first tokens and join the batch."""
+        for r in rows:
             self.batch.add(r)
-        tokens = self.runner.start(rows, pre, self._first_masks(rows))
+        tokens = self.runner.start(rows, prefilled, self._first_masks(rows))
         self._emit(rows, tokens, self._advance(rows, tokens))
 
     def _launch(self):

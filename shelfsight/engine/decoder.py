@@ -1,5 +1,6 @@
-"""A compact Qwen3 text-decoder step over the transformers model's own weights, reading and writing a
-KV cache of fixed slots.
+"""A compact Qwen3 text decoder over the transformers model's own weights, reading and writing a KV
+cache of fixed slots: `forward` is the decode step (one token per row), `extend` the prefill (a chunk of
+new prompt tokens per request, their K/V written straight into the request's slot).
 
 Per layer (about 15 kernels instead of transformers' ~50): RMSNorm, one q|k|v matmul, q/k RMSNorm over
 head_dim before RoPE (as Qwen3 does), RoPE from a cos/sin table at each row's position, K/V written into
@@ -78,21 +79,37 @@ class Decoder:
     def bytes_per_token(self) -> int:
         return 2 * len(self.layers) * self.hkv * self.d * self.k[0].element_size()
 
-    def write_prompt(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: list[int],
-                     slots: list[int], lengths: list[int]) -> None:
-        """Copy prefilled K/V ([k, kv_heads, L, D] per layer, row i left-padded to L with lengths[i]
-        real tokens) into cache slots[i] positions [0, lengths[i])."""
-        L, H, T = keys[0].shape[2], self.hkv, self.max_len
-        src, dst = [], []
-        for i, s, n in zip(rows, slots, lengths):
-            pos = torch.arange(n)
-            for h in range(H):
-                src.append((i * H + h) * L + (L - n) + pos)
-                dst.append((s * H + h) * T + pos)
-        src, dst = torch.cat(src).to(self.device), torch.cat(dst).to(self.device)
-        for cache, new in ((self.k, keys), (self.v, values)):
-            for layer, t in zip(cache, new):
-                layer.view(-1, self.d).index_copy_(0, dst, t.reshape(-1, self.d).index_select(0, src).to(self.dtype))
+    def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int, int]],
+               deep: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
+        """Prefill on the decoder's own weights: T new prompt tokens of one or more requests, packed,
+        their K/V written straight into the slots -> the final hidden states [T, hidden] (after the
+        last norm). x [T, hidden]: the tokens' input embeddings (pictures' features in place);
+        cos, sin [T, D]: their M-RoPE rotations; segments: (slot, start, n) per request, in x's order:
+        its tokens [start, start + n) go to that slot, whose first `start` tokens are already there
+        (an earlier chunk). deep: per deepstack layer (the first few), (indices into T [v],
+        features [v, hidden]), added to the hidden states after that layer, as transformers does."""
+        T, H, G, D = x.shape[0], self.hkv, self.hq // self.hkv, self.d
+        slot = torch.cat([torch.full((n,), s, dtype=torch.int64) for s, _, n in segments])
+        pos = torch.cat([torch.arange(a, a + n) for _, a, n in segments])
+        where = ((slot[:, None] * H + torch.arange(H)[None]) * self.max_len + pos[:, None]).reshape(-1).to(self.device)
+        # per request, [G * n, a + n]: query row (g, i) sees the keys up to its own position a + i
+        masks = [(torch.arange(a + n)[None] <= torch.arange(a, a + n)[:, None]).repeat(G, 1).to(self.device)
+                 for _, a, n in segments]
+        cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
+        for i, (w, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
+            q = self._qkv(w, x, cos, sin, kc, vc, where)  # [T, hq, D]
+            outs, at = [], 0
+            for (s, a, n), mask in zip(segments, masks):
+                # GQA as rows (see the module docstring): [n, H, G, D] -> [1, H, G * n, D]
+                qs = q[at:at + n].view(n, H, G, D).permute(1, 2, 0, 3).reshape(1, H, G * n, D)
+                att = F.scaled_dot_product_attention(qs, kc[s:s + 1, :, :a + n], vc[s:s + 1, :, :a + n],
+                                                     attn_mask=mask, scale=D ** -0.5)
+                outs.append(att.view(H, G, n, D).permute(2, 0, 1, 3).reshape(n, self.hq * D))
+                at += n
+            x = self._mlp(w, x + w.o(torch.cat(outs) if len(outs) > 1 else outs[0]))
+            if i < len(deep) and deep[i][0].numel():
+                x = x.index_add(0, deep[i][0], deep[i][1].to(x.dtype))
+        return rms_norm(x, self.norm, self.eps)
 
     def forward(self, tokens: torch.Tensor, cache_pos: torch.Tensor, rope_pos: torch.Tensor,
                 write_slot: torch.Tensor, kv_len: torch.Tensor, L: int) -> torch.Tensor:
@@ -107,21 +124,27 @@ class Decoder:
         mask = (self.positions[:L][None] < kv_len[:, None])[:, None, None, :]  # [B, 1, 1, L]
         where = ((write_slot[:, None] * H + self.heads[None]) * self.max_len + cache_pos[:, None]).reshape(-1)
         for w, kc, vc in zip(self.layers, self.k, self.v):
-            h = rms_norm(x, w.ln1, self.eps)
-            q, k, v = w.qkv(h).split([self.hq * D, H * D, H * D], dim=-1)
-            q = rms_norm(q.reshape(B, self.hq, D), w.q_norm, self.eps)
-            k = rms_norm(k.reshape(B, H, D), w.k_norm, self.eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            kc.view(-1, D).index_copy_(0, where, k.reshape(-1, D))
-            vc.view(-1, D).index_copy_(0, where, v.reshape(-1, D))
+            q = self._qkv(w, x, cos, sin, kc, vc, where)  # [B, hq, D]
             att = F.scaled_dot_product_attention(q.view(B, H, G, D), kc[:B, :, :L], vc[:B, :, :L],
                                                  attn_mask=mask, scale=D ** -0.5)  # [B, H, G, D]
-            x = x + w.o(att.reshape(B, self.hq * D))
-            h = rms_norm(x, w.ln2, self.eps)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)
-            x = x + w.down(F.silu(gate) * up)
+            x = self._mlp(w, x + w.o(att.reshape(B, self.hq * D)))
         return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+
+    def _qkv(self, w: _Layer, x, cos, sin, kc, vc, where) -> torch.Tensor:
+        """x [N, hidden] -> q [N, hq, D]; the rows' k and v (q/k RMSNorm, then RoPE by cos, sin [N, 1, D])
+        written into the cache at `where` ([N * kv_heads] flat row indices of K/V viewed as [-1, D])."""
+        N, H, D = x.shape[0], self.hkv, self.d
+        q, k, v = w.qkv(rms_norm(x, w.ln1, self.eps)).split([self.hq * D, H * D, H * D], dim=-1)
+        q = rms_norm(q.reshape(N, self.hq, D), w.q_norm, self.eps)
+        k = rms_norm(k.reshape(N, H, D), w.k_norm, self.eps)
+        kc.view(-1, D).index_copy_(0, where, (k * cos + rotate_half(k) * sin).reshape(-1, D))
+        vc.view(-1, D).index_copy_(0, where, v.reshape(-1, D))
+        return q * cos + rotate_half(q) * sin
+
+    def _mlp(self, w: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """The layer's second half: x + down(SiLU(gate) * up) of RMSNorm(x)."""
+        gate, up = w.gate_up(rms_norm(x, w.ln2, self.eps)).chunk(2, dim=-1)
+        return x + w.down(F.silu(gate) * up)
 
     def _forward_fused(self, tokens, cache_pos, rope_pos, write_slot, kv_len, L) -> torch.Tensor:
         """forward() with the fused kernels: the residual add rides with the next RMSNorm."""

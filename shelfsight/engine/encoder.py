@@ -19,7 +19,7 @@ from shelfsight.engine.config import EncoderConfig
 from shelfsight.engine.core import check_inputs
 from shelfsight.engine.prefill import VisionCache, encode, vision
 from shelfsight.errors import FailedPrecondition, InvalidArgument
-from shelfsight.model import qwen
+from shelfsight.model.preprocessing import PixelPolicy
 from shelfsight.model.retrieval import NO, YES
 
 KINDS = ("embedding", "reranker")
@@ -27,11 +27,11 @@ KINDS = ("embedding", "reranker")
 
 class Encoder:
     def __init__(self, model, tokenizer, kind: str, config: EncoderConfig = EncoderConfig(),
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, pixels: PixelPolicy | None = None):
         if kind not in KINDS:
             raise InvalidArgument(f"encoder kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.model, self.kind, self.config = model, kind, config
-        self.merge_size = getattr(model.config.vision_config, "spatial_merge_size", qwen.MERGE_SIZE)
+        self.pixels = pixels or PixelPolicy.of_model(model.config)  # as the Engine's
         self.width = model.config.text_config.hidden_size
         self.vision_cache = VisionCache(config.vision_cache_bytes)
         self.observer = SafeObserver(observer or Observer())
@@ -46,7 +46,7 @@ class Encoder:
 
     def check(self, prompt: Prompt) -> None:
         """A prompt this encoder can take (the Triton model refuses the one request, not the batch)."""
-        check_inputs(prompt, self.merge_size)
+        check_inputs(prompt, self.pixels)
         if prompt.input_ids.numel() > self.config.max_len:
             raise InvalidArgument(f"the input is {prompt.input_ids.numel()} tokens; the limit is {self.config.max_len}")
 
@@ -71,7 +71,7 @@ class Encoder:
         with torch.inference_mode():
             for group in self.groups(prompts):
                 reqs = [prompts[i] for i in group]
-                h = encode(self.model, reqs, vision(self.model, reqs, self.vision_cache, self.observer))
+                h = encode(self.model, reqs, vision(self.model, reqs, self.vision_cache, self.observer, self.pixels))
                 out[group] = h.cpu()
         return out
 

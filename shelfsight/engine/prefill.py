@@ -52,16 +52,22 @@ class Prefilled:
 Feature = tuple  # (embeds [n_tokens, H], deepstack: list of [n_tokens, H]) of one picture
 
 
-def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list[list[Feature]]:
+def vision(model, reqs: list[Request], cache: VisionCache, observer, policy=None) -> list[list[Feature]]:
     """Per request, each picture's features, from the cache or one vision pass over every picture
-    of the group that is not cached (a picture that appears twice is computed once)."""
+    of the group that is not cached (a picture that appears twice is computed once). The pictures
+    come as uint8 pixels: only the uncached ones are moved to the device and cut into patches there
+    (`policy`: a PixelPolicy; by default the model config's)."""
+    from shelfsight.model.preprocessing import Patchifier, PixelPolicy
+
     device = model.device
-    pictures = []  # (request index, picture index, key, patches [n, D], grid [3])
+    patchify = Patchifier(policy or PixelPolicy.of_model(model.config))
+    pictures = []  # (request index, picture index, key, pixels [n] uint8, grid [3])
     for i, r in enumerate(reqs):
         grids = r.grid_thw.reshape(-1, 3)
-        bounds = [0] + grids.prod(-1).cumsum(0).tolist()
+        sizes = [patchify.picture_bytes(g) for g in grids.tolist()]
+        bounds = [0] + torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()
         for j, key in enumerate(r.image_keys):
-            pictures.append((i, j, key or f"row {i} picture {j}", r.pixel_values[bounds[j]:bounds[j + 1]], grids[j]))
+            pictures.append((i, j, key or f"row {i} picture {j}", r.pixels[bounds[j]:bounds[j + 1]], grids[j]))
     found: dict[str, Feature] = {}
     if cache.max_bytes:
         for _, _, key, _, _ in pictures:
@@ -72,9 +78,11 @@ def vision(model, reqs: list[Request], cache: VisionCache, observer) -> list[lis
                     found[key] = hit
     todo = list({key: (pv, grid) for _, _, key, pv, grid in pictures if key not in found}.items())
     if todo:
-        pv = torch.cat([t[1][0] for t in todo]).to(device)
-        grid = torch.stack([t[1][1] for t in todo]).to(device)
-        out = model.model.get_image_features(pv, grid, return_dict=True)
+        grid = torch.stack([t[1][1] for t in todo])
+        # one host-to-device copy of the uint8 pixels (8x fewer bytes than float32 patches)
+        pixels = torch.cat([t[1][0] for t in todo]).to(device, non_blocking=True)
+        pv = patchify.patches(pixels, grid)  # [P, D] float32 on the device
+        out = model.model.get_image_features(pv, grid.to(device), return_dict=True)
         for n, (key, _) in enumerate(todo):
             embeds = out.pooler_output[n]
             deep = [layer[n] for layer in out.deepstack_features]

@@ -1,5 +1,5 @@
-"""The slot runner: prefill through transformers, decode through the compact decoder over fixed KV
-slots, one (graph-captured on CUDA) step per token for every running row.
+"""The slot runner: prompts prefilled in chunks on the compact decoder (slot_prefill.py), decode through
+the same decoder over fixed KV slots, one (graph-captured on CUDA) step per token for every running row.
 
 Device state, per slot (allocated once; index `slots` is the spare that padding rows write to):
     tokens [S+1] int64   the last chosen token, the next step's input
@@ -29,7 +29,8 @@ from shelfsight.engine.batch import Row
 from shelfsight.engine.config import EngineConfig
 from shelfsight.engine.decoder import Decoder
 from shelfsight.engine.graphs import StepGraphs, batch_buckets, kv_buckets, pick
-from shelfsight.engine.prefill import Prefilled
+from shelfsight.engine.slot_prefill import PrefillQueue
+from shelfsight.model import qlinear
 
 CACHE_POS, ROPE_POS, WRITE_SLOT, KV_LEN = range(4)
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class SlotRunner:
         self.out_hosts = [torch.zeros(S + 1, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
         self.graphs = StepGraphs(self._step, enabled=cuda and config.cuda_graphs, harmless=self._harmless)
+        self.int4_kernels: dict | None = None  # what choose_int4_kernels decided
 
     def reset(self) -> None:
         """Nothing to drop: a slot's state is overwritten when a request is next admitted into it."""
@@ -101,8 +103,29 @@ class SlotRunner:
     def release(self, slot: int) -> None:
         pass
 
+    def choose_int4_kernels(self) -> None:
+        """Per batch bucket, tinygemm or a dequantized copy for int4 weights (EngineConfig.int4_dense_from);
+        before any graph is captured, since a graph keeps the kernel it was captured with."""
+        mods = [m for layer in self.decoder.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        setting = self.config.int4_dense_from
+        if not any(isinstance(m, qlinear.Int4Linear) for m in mods):
+            return
+        if setting == -1 and not self.cuda:
+            return  # on CPU the copy would be float32 (8x the int4 bytes); keep tinygemm
+        threshold, table = (qlinear.choose_int4_threshold(mods, self.batch_buckets) if setting == -1
+                            else (setting or None, []))
+        held = qlinear.set_int4_threshold(mods, threshold)
+        self.int4_kernels = {"dense_from": threshold, "dense_bytes": held, "timings": table}
+        log.info("int4 weights: %s (dense copy %.0f MB)%s",
+                 f"tinygemm below {threshold} rows, dense from there" if threshold else "tinygemm at every batch",
+                 held / 2**20, "; measured ms per bucket: " + ", ".join(
+                     f"{r['rows']}: {r['tinygemm_ms']:.2f}/{r['dense_ms']:.2f}" for r in table) if table else "")
+
     def warm_up(self) -> None:
-        """Capture the graphs most traffic needs before the first request (CUDA only)."""
+        """Choose the int4 kernels, then capture the graphs most traffic needs before the first request
+        (CUDA only)."""
+        with torch.inference_mode():
+            self.choose_int4_kernels()
         kv = [L for L in self.kv_buckets if L <= max(self.config.warm_kv_len, self.kv_buckets[0])]
         with torch.inference_mode():
             if self.decoder.fused:  # the kernels at the model's own shapes, once, before any capture
@@ -117,15 +140,16 @@ class SlotRunner:
                                 + [(B, 0, "masked") for B in self.batch_buckets])
 
     # ---- prefill ----
-    def start(self, rows: list[Row], pre: Prefilled, bitmask: torch.Tensor | None = None) -> list[int]:
-        """Move freshly prefilled rows into their slots; returns their first tokens. `bitmask`
-        [len(rows), W]: the rows' grammar masks, when some are constrained."""
+    def prefill_queue(self, model) -> PrefillQueue:
+        """Prompts are prefilled on this runner's decoder, into its slots (slot_prefill.py)."""
+        return PrefillQueue(model, self.decoder, self.config.prefill_chunk_tokens)
+
+    def start(self, rows: list[Row], logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> list[int]:
+        """Rows whose prompts are in their slots (row.length set), with their last prompt position's
+        logits [len(rows), V]: sample and return their first tokens. `bitmask` [len(rows), W]: the
+        rows' grammar masks, when some are constrained."""
         dev = self.device
-        slots = [r.slot for r in rows]
-        self.decoder.write_prompt([layer.keys for layer in pre.cache.layers],
-                                  [layer.values for layer in pre.cache.layers],
-                                  list(range(len(rows))), slots, pre.lengths)
-        index = torch.tensor(slots, device=dev)
+        index = torch.tensor([r.slot for r in rows], device=dev)
         self.seen[index] = False
         for r in rows:
             self.seen[r.slot, r.req.input_ids.to(dev)] = True
@@ -133,8 +157,8 @@ class SlotRunner:
         p = sampling.RowParams(*(t[index] for t in (self.params.temperature, self.params.top_k, self.params.top_p,
                                                       self.params.penalty, self.params.seed)))
         position = torch.tensor([r.length for r in rows], device=dev)
-        bias = None if bitmask is None else sampling.bitmask_bias(bitmask.to(dev), pre.logits.shape[-1])
-        first = sampling.sample(pre.logits, self.seen[index], p, position, all(r.req.params.greedy for r in rows),
+        bias = None if bitmask is None else sampling.bitmask_bias(bitmask.to(dev), logits.shape[-1])
+        first = sampling.sample(logits, self.seen[index], p, position, all(r.req.params.greedy for r in rows),
                                 bias)
         self.seen[index, first] = True
         self.tokens[index] = first

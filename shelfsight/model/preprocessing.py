@@ -1,6 +1,10 @@
 """Pictures + a conversation -> the model's inputs, identical to what transformers' Qwen3-VL processor
 gives for the same picture and question (tests/test_preprocessing.py checks token and pixel equality).
 
+Split in two where the process boundary is: preprocessing (CPU, Triton's `preprocess`) decodes and
+resizes each picture and sends it as uint8 pixels; the engine (`generate`, on its device) cuts the
+patches and normalizes them (`Patchifier.patches`). A 448x448 photo crosses as 602 KB of pixels instead
+of 4.8 MB of float32 patches (8x: 1 byte a value instead of 4, and no temporal copy of the frame).
 Same torch/torchvision operations as the processor, in a cheaper order, because preprocessing is the
 usual bottleneck of VLM serving (shared/notes/anchors.md):
   - resize straight from the decoded HWC buffer (a channels-last view) instead of first copying it to
@@ -9,7 +13,8 @@ usual bottleneck of VLM serving (shared/notes/anchors.md):
     channel axis stays third from last, so `normalize` broadcasts exactly as it does for the image;
   - render the prompt with a single <|image_pad|> and widen it in token space rather than tokenizing
     a string holding hundreds of pad tokens.
-Shapes: pixel_values [sum over pictures of grid_h * grid_w, 3 * 2 * 16 * 16] float32; input_ids [L] int64.
+Shapes: pixels [sum over pictures of H * W * 3] uint8 (H = grid_h * 16, W = grid_w * 16); pixel_values
+[sum over pictures of grid_h * grid_w, 3 * 2 * 16 * 16] float32; input_ids [L] int64.
 """
 from __future__ import annotations
 
@@ -48,23 +53,44 @@ class PixelPolicy:
         return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
                             max_pixels=self.max_pixels)
 
+    @classmethod
+    def of_model(cls, config) -> "PixelPolicy":
+        """The patch geometry of a model's vision_config, with Qwen3-VL's mean and std; where the
+        checkpoint directory is at hand, load_policy reads the processor's own."""
+        vision = getattr(config, "vision_config", None)
+        return cls(patch_size=getattr(vision, "patch_size", qwen.PATCH_SIZE),
+                   merge_size=getattr(vision, "spatial_merge_size", qwen.MERGE_SIZE),
+                   temporal_patch_size=getattr(vision, "temporal_patch_size", qwen.TEMPORAL_PATCH_SIZE))
+
 
 @dataclass
 class ModelInputs:
     input_ids: np.ndarray  # [L] int64, each picture's pad widened to its visual tokens
-    pixel_values: np.ndarray  # [P, C * T * P * P] float32: every picture's patches in order (0 rows: none)
+    pixels: np.ndarray  # [N] uint8: every picture's resized H x W x 3, in order (0 bytes: none)
     image_grid_thw: np.ndarray  # [n, 3] int64: (1, grid_h, grid_w) per picture
     image_keys: list[str]  # per picture: same key -> same patches
-    merge_size: int = qwen.MERGE_SIZE  # patches per side merged into one visual token
+    policy: PixelPolicy = PixelPolicy()
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per side merged into one visual token."""
+        return self.policy.merge_size
 
     @property
     def image_tokens(self) -> int:
         """Visual tokens of all pictures together."""
         return int(self.image_grid_thw.prod(axis=-1).sum()) // (self.merge_size ** 2)
 
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """[P, C * T * P * P] float32: the processor's patches, as the engine computes them (on CPU here)."""
+        return Patchifier(self.policy).patches(torch.from_numpy(self.pixels),
+                                               torch.from_numpy(self.image_grid_thw)).numpy()
+
 
 class Patchifier:
-    """RGB picture -> (pixel_values, grid) exactly as Qwen2VLImageProcessor computes them."""
+    """RGB picture -> resized uint8 pixels + grid (`resize`, preprocessing's half) -> pixel_values
+    (`patches`, the engine's half, on any device), together exactly as Qwen2VLImageProcessor computes them."""
 
     def __init__(self, policy: PixelPolicy):
         self.policy = policy
@@ -76,7 +102,17 @@ class Patchifier:
     def patch_dim(self) -> int:
         return 3 * self.policy.temporal_patch_size * self.policy.patch_size ** 2
 
+    def picture_bytes(self, grid) -> int:
+        """Bytes of one picture's pixels for its grid (1, gh, gw)."""
+        return int(grid[1]) * int(grid[2]) * self.policy.patch_size ** 2 * 3
+
     def __call__(self, rgb) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Both halves at once: -> (pixel_values [gh * gw, D] float32, grid)."""
+        hwc, grid = self.resize(rgb)
+        return self.patches(hwc.reshape(-1), torch.tensor([grid])), grid
+
+    def resize(self, rgb) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """RGB picture -> (its pixels resized to the grid, [H, W, 3] uint8 (may be a strided view), grid)."""
         pol = self.policy
         with warnings.catch_warnings():  # Pillow's buffer is read-only; nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
@@ -89,15 +125,33 @@ class Patchifier:
                 chw = chw.contiguous()
             chw = tvF.resize(chw[None], [H, W], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)[0]
             hwc = chw.permute(1, 2, 0)
+        return hwc, (1, H // pol.patch_size, W // pol.patch_size)
+
+    def patches(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """pixels [N] uint8 (pictures' H x W x 3, in order), grids [n, 3] -> pixel_values [P, D] float32
+        on pixels' device. Subtraction and division are exactly rounded in IEEE float32 on every
+        device, so the GPU gives the processor's values bit for bit."""
+        pol = self.policy
         P, M, T = pol.patch_size, pol.merge_size, pol.temporal_patch_size
-        gh, gw = H // P, W // P
-        # [gh/M, M, P, gw/M, M, P, C] -> [gh/M, gw/M, M, M, C, P, P]: the processor's patch order
-        u8 = hwc.reshape(gh // M, M, P, gw // M, M, P, 3).permute(0, 3, 1, 4, 6, 2, 5).contiguous()
-        patches = tvF.normalize(u8.to(torch.float32), self._mean, self._std, inplace=True)
-        n = gh * gw
-        # a still picture is its own second frame: repeat along the temporal patch axis
-        flat = patches.reshape(n, 3, 1, P, P).expand(n, 3, T, P, P).reshape(n, 3 * T * P * P)
-        return flat, (1, gh, gw)
+        shapes = grids.reshape(-1, 3).tolist()
+        need = sum(self.picture_bytes(g) for g in shapes)
+        if need != pixels.numel():
+            raise InvalidArgument(f"pixels hold {pixels.numel()} bytes; the grids {shapes} need {need}")
+        out, at = [], 0
+        mean, std = self._mean.to(pixels.device), self._std.to(pixels.device)
+        for _, gh, gw in shapes:
+            n = gh * gw * P * P * 3
+            hwc = pixels[at:at + n]
+            at += n
+            # [gh/M, M, P, gw/M, M, P, C] -> [gh/M, gw/M, M, M, C, P, P]: the processor's patch order
+            u8 = hwc.reshape(gh // M, M, P, gw // M, M, P, 3).permute(0, 3, 1, 4, 6, 2, 5).contiguous()
+            patches = tvF.normalize(u8.to(torch.float32), mean, std, inplace=True)
+            k = gh * gw
+            # a still picture is its own second frame: repeat along the temporal patch axis
+            out.append(patches.reshape(k, 3, 1, P, P).expand(k, 3, T, P, P).reshape(k, 3 * T * P * P))
+        if not out:
+            return torch.zeros((0, self.patch_dim), dtype=torch.float32, device=pixels.device)
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class PromptBuilder:
@@ -123,8 +177,8 @@ class PromptBuilder:
 
 @dataclass(frozen=True)
 class Pictures:
-    """Pictures as the model takes them: patches of all of them, their grids, their keys."""
-    pixel_values: np.ndarray  # [P, D] float32
+    """Pictures as the model takes them: pixels of all of them, their grids, their keys."""
+    pixels: np.ndarray  # [N] uint8
     grids: np.ndarray  # [n, 3] int64
     keys: list[str]
     tokens: list[int]  # visual tokens per picture
@@ -159,7 +213,7 @@ class Preprocessor:
         return self.render(conversation.messages(), pictures, enhance)
 
     def pictures(self, images: list[bytes], enhance: bool = False) -> Pictures:
-        """Decode and patchify each picture (an error names which one when there are several)."""
+        """Decode and resize each picture (an error names which one when there are several)."""
         values, grids, keys, tokens = [], [], [], []
         merge = self.patchify.policy.merge_size
         for i, image in enumerate(images):
@@ -168,33 +222,43 @@ class Preprocessor:
             except InvalidArgument as e:
                 raise InvalidArgument(f"picture {i + 1} of {len(images)}: {e.message}" if len(images) > 1
                                       else e.message) from None
-            pv, grid = self.patchify(rgb)
-            values.append(pv)
+            hwc, grid = self.patchify.resize(rgb)
+            values.append(hwc.numpy().reshape(-1))  # a copy only where resize left a strided view
             grids.append(grid)
             tokens.append(grid[0] * grid[1] * grid[2] // merge ** 2)
             key = hashlib.blake2b(image, digest_size=16, person=b"enh" if enhance else b"raw")
             key.update(repr(self.patchify.policy).encode())
             keys.append(key.hexdigest())
-        dim = self.patchify.patch_dim
-        pixel_values = torch.cat(values).numpy() if values else np.zeros((0, dim), np.float32)
-        return Pictures(pixel_values, np.asarray(grids, dtype=np.int64).reshape(-1, 3), keys, tokens)
+        pixels = np.concatenate(values) if values else np.zeros(0, np.uint8)
+        return Pictures(pixels, np.asarray(grids, dtype=np.int64).reshape(-1, 3), keys, tokens)
 
     def render(self, messages: list[dict], images: list[bytes], enhance: bool = False) -> ModelInputs:
         pics = self.pictures(images, enhance)
-        return ModelInputs(input_ids=self.prompt(messages, pics.tokens), pixel_values=pics.pixel_values,
-                           image_grid_thw=pics.grids, image_keys=pics.keys,
-                           merge_size=self.patchify.policy.merge_size)
+        return ModelInputs(input_ids=self.prompt(messages, pics.tokens), pixels=pics.pixels,
+                           image_grid_thw=pics.grids, image_keys=pics.keys, policy=self.patchify.policy)
 
 
 def load_preprocessor(checkpoint_dir, min_pixels: int, max_pixels: int,
                       image_limits: imaging.ImageLimits, text_limits: params.Limits) -> Preprocessor:
-    """A Preprocessor using the checkpoint's tokenizer, chat template and image-processor constants.
-    The processor's patch geometry must be the vision tower's (config.json's vision_config): patches
-    cut or merged differently from how the model merges them would give wrong answers, not errors."""
+    """A Preprocessor using the checkpoint's tokenizer, chat template and image-processor constants."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(checkpoint_dir)
-    ip = proc.image_processor
+    policy = _policy(checkpoint_dir, proc.image_processor, min_pixels, max_pixels)
+    return Preprocessor(proc.tokenizer, policy, image_limits, text_limits)
+
+
+def load_policy(checkpoint_dir, min_pixels: int = PixelPolicy.min_pixels,
+                max_pixels: int = PixelPolicy.max_pixels) -> PixelPolicy:
+    """The checkpoint's PixelPolicy alone (the engine's half: patch geometry, mean and std)."""
+    from transformers import AutoImageProcessor
+
+    return _policy(checkpoint_dir, AutoImageProcessor.from_pretrained(checkpoint_dir), min_pixels, max_pixels)
+
+
+def _policy(checkpoint_dir, ip, min_pixels: int, max_pixels: int) -> PixelPolicy:
+    """The processor's patch geometry must be the vision tower's (config.json's vision_config): patches
+    cut or merged differently from how the model merges them would give wrong answers, not errors."""
     vision = checkpoint.inspect(checkpoint_dir).config.get("vision_config", {})
     for ours, theirs, default in (("merge_size", "spatial_merge_size", qwen.MERGE_SIZE),
                                   ("patch_size", "patch_size", qwen.PATCH_SIZE),
@@ -202,7 +266,6 @@ def load_preprocessor(checkpoint_dir, min_pixels: int, max_pixels: int,
         if getattr(ip, ours) != vision.get(theirs, default):
             raise FailedPrecondition(f"{checkpoint_dir}: the image processor's {ours} is {getattr(ip, ours)}, "
                                      f"the vision tower's {theirs} is {vision.get(theirs, default)}")
-    policy = PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=ip.patch_size,
-                         merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size,
-                         image_mean=tuple(ip.image_mean), image_std=tuple(ip.image_std))
-    return Preprocessor(proc.tokenizer, policy, image_limits, text_limits)
+    return PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=ip.patch_size,
+                       merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size,
+                       image_mean=tuple(ip.image_mean), image_std=tuple(ip.image_std))

@@ -35,10 +35,10 @@ OUTPUTS = (TEXT, PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON)
 
 # preprocess -> generate (and collect): model inputs, then the resolved GenerationParams as one JSON
 # string (GenerationParams.to_json), so adding a parameter touches no config. Per request:
-# input_ids [L], pixel_values [P, D] (every picture's patches; 0 rows without pictures),
-# image_grid_thw [n, 3], image_key [n] (one per picture).
-INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY = "input_ids", "pixel_values", "image_grid_thw", "image_key"
-MODEL_INPUTS = (INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, IMAGE_KEY)
+# input_ids [L], pixels [N] uint8 (every picture resized, H x W x 3 each, in order; 0 bytes without
+# pictures: `generate` cuts and normalizes the patches on its device), image_grid_thw [n, 3], image_key [n].
+INPUT_IDS, PIXELS, IMAGE_GRID_THW, IMAGE_KEY = "input_ids", "pixels", "image_grid_thw", "image_key"
+MODEL_INPUTS = (INPUT_IDS, PIXELS, IMAGE_GRID_THW, IMAGE_KEY)
 PARAMS = "params"
 STEP_FORMAT, STEP_STOP = "response_format", "stop"  # the checked RESPONSE_FORMAT and STOP ("" when absent)
 STEP_INPUTS = MODEL_INPUTS + (PARAMS, STEP_FORMAT, STEP_STOP)

@@ -35,7 +35,8 @@ class EncoderModel:
             device = f"cuda:{args['model_instance_device_id']}"
         self.pre = load_preprocessor(served.path, m.pixels.min_pixels, m.pixels.max_pixels, m.image_limits, m.limits)
         model = load_model(served.path, device=device, dtype=m.dtype)
-        self.encoder = Encoder(model, self.pre.tokenizer, contract.ENCODER_KIND[self.name], m.encoder)
+        self.encoder = Encoder(model, self.pre.tokenizer, contract.ENCODER_KIND[self.name], m.encoder,
+                               pixels=self.pre.patchify.policy)
         self.pool = ThreadPoolExecutor(max_workers=max(1, m.preprocess_threads), thread_name_prefix=self.name)
 
     # ---- per request (on the pool) ----

@@ -35,7 +35,7 @@ class ServingManifest:
     embedding: Served | None = None
     reranker: Served | None = None
     device: str = "cpu"  # cpu | cuda
-    dtype: str = "float32"  # compute dtype: bf16 on GPU; fp32 on CPU (see README: batch invariance)
+    dtype: str = "float32"  # compute dtype: bf16 on GPU; fp32 on CPU (see docs/engine.md, "Precision on CPU": batch invariance)
     generation: GenerationParams = field(default_factory=GenerationParams)
     limits: Limits = field(default_factory=Limits)
     pixels: PixelBounds = field(default_factory=PixelBounds)

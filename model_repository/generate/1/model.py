@@ -15,6 +15,7 @@ from shelfsight.engine import Engine, Observer, Request
 from shelfsight.errors import InvalidArgument
 from shelfsight.formats import ResponseFormat
 from shelfsight.model.checkpoint import load_model
+from shelfsight.model.preprocessing import load_policy
 from shelfsight.params import GenerationParams
 from shelfsight.serving import contract, lifecycle, manifest as manifest_mod
 from shelfsight.serving.tritonpy import answer, array, error_response, model_dir_repo, scalar, text
@@ -109,7 +110,8 @@ class TritonPythonModel:
         model = load_model(path, device=device, dtype=m.dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.observer = TritonObserver(args["model_name"])
-        self.engine = Engine(model, tokenizer, m.engine, self.observer)
+        self.engine = Engine(model, tokenizer, m.engine, self.observer,
+                             load_policy(path, m.pixels.min_pixels, m.pixels.max_pixels))
         self.engine.start()
         # Triton waits for in-flight requests before it unloads (and calls finalize), and nothing it
         # does ends a request that is decoding: the note is how they end in time
@@ -124,9 +126,9 @@ class TritonPythonModel:
         if raw is None:
             raise InvalidArgument(f"{contract.PARAMS} is required")
         params = GenerationParams.from_json(raw, self.manifest.limits)
-        ids, pixels, grid = (array(request, n) for n in (contract.INPUT_IDS, contract.PIXEL_VALUES, contract.IMAGE_GRID_THW))
+        ids, pixels, grid = (array(request, n) for n in (contract.INPUT_IDS, contract.PIXELS, contract.IMAGE_GRID_THW))
         if ids is None or pixels is None or grid is None:
-            raise InvalidArgument(f"{contract.INPUT_IDS}, {contract.PIXEL_VALUES} and {contract.IMAGE_GRID_THW} are required")
+            raise InvalidArgument(f"{contract.INPUT_IDS}, {contract.PIXELS} and {contract.IMAGE_GRID_THW} are required")
         keys = array(request, contract.IMAGE_KEY)
         keys = [] if keys is None else [k.decode() if isinstance(k, bytes) else str(k) for k in keys.reshape(-1)]
         grid = torch.tensor(grid.reshape(-1, 3), dtype=torch.int64)
@@ -139,7 +141,7 @@ class TritonPythonModel:
         except ValueError:
             raise InvalidArgument(f"{contract.STEP_STOP} must be a JSON list of strings") from None
         return Request(input_ids=torch.tensor(ids.reshape(-1), dtype=torch.int64),
-                       pixel_values=torch.tensor(pixels.reshape(-1, pixels.shape[-1])),
+                       pixels=torch.tensor(pixels.reshape(-1)),
                        grid_thw=grid, image_keys=tuple(keys) if keys else ("",) * grid.shape[0],
                        params=params, sink=Sink(request.get_response_sender()),
                        response_format=ResponseFormat.from_json(fmt) if fmt else None, stop=stop)

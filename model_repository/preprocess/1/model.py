@@ -78,7 +78,7 @@ class TritonPythonModel:
                     f"length is {budget}: send fewer or smaller pictures, or less text")
             return pb_utils.InferenceResponse([
                 tensor(contract.INPUT_IDS, inputs.input_ids[None]),
-                tensor(contract.PIXEL_VALUES, inputs.pixel_values[None]),
+                tensor(contract.PIXELS, inputs.pixels[None]),
                 tensor(contract.IMAGE_GRID_THW, inputs.image_grid_thw[None]),
                 tensor(contract.IMAGE_KEY, np.array([[k.encode() for k in inputs.image_keys]], dtype=object)
                        .reshape(1, len(inputs.image_keys))),
