@@ -2,6 +2,8 @@
 seeded sampling, cancellation, limits and the vision-feature cache."""
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 
 import pytest
@@ -235,6 +237,16 @@ def test_one_vision_pass_for_a_picture_asked_twice_in_one_group(setup, monkeypat
     assert calls == [2]  # one pass, two pictures
     assert feats[2][0] is feats[0][0] and not torch.equal(feats[1][0][0][:1], feats[0][0][0][:1])
     assert seen == ([False, False, False] if cache_bytes else [])
+    # pictures without keys (a direct caller of `generate` may leave image_key out) are never shared or
+    # cached: in one call or across calls, each keeps its own features
+    cache, calls[:] = VisionCache(cache_bytes or 1 << 20), []
+    keyless = [dataclasses.replace(r, image_keys=("",)) for r in reqs]
+    with torch.inference_mode():
+        first = vision(model, keyless[:2], cache, observer)
+        second = vision(model, keyless[1:], cache, observer)
+    assert calls == [2, 2] and cache.used == 0
+    assert torch.equal(first[1][0][0], second[0][0][0]) and torch.equal(second[1][0][0], feats[0][0][0])
+    assert not torch.equal(second[0][0][0][:1], second[1][0][0][:1])
 
 
 def test_stop_sequences_end_the_answer_before_them_and_are_never_sent(setup):

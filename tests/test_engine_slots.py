@@ -285,3 +285,35 @@ def test_fused_kernels_that_fail_at_start_fall_back_to_torch_ops(setup):
     runner.decoder.fused = True
     runner.warm_up()
     assert runner.decoder.fused is False
+
+
+def test_a_failing_prompt_in_a_packed_prefill_fails_alone(setup, monkeypatch):
+    """When the packed forward of a chunk fails, each request is tried alone: only the one whose forward
+    fails gets the error, the others finish with the tokens they would have had, and nothing is left in
+    the queue. A group whose preparation fails queues none of its rows (no slot twice)."""
+    model, processor, pre, _ = setup
+    p = GenerationParams(max_new_tokens=4, temperature=0.0)
+    reqs = make_requests(pre, 3, p)
+    with torch.inference_mode():
+        feats = vision(model, reqs, VisionCache(0), NO_METRICS)
+        clean = SlotRunner(model, EngineConfig(max_batch=4, max_model_len=1024))
+        want, _ = slot_prefill(model, clean, rows_for(reqs, [0, 1, 2], processor.tokenizer), feats)
+        runner = SlotRunner(model, EngineConfig(max_batch=4, max_model_len=1024))
+        real = runner.decoder.extend
+
+        def extend(x, cos, sin, segments, deep=()):
+            if any(s == 1 for s, _, _ in segments):
+                raise RuntimeError("slot 1 is cursed")
+            return real(x, cos, sin, segments, deep)
+
+        monkeypatch.setattr(runner.decoder, "extend", extend)
+        queue = runner.prefill_queue(model)
+        rows = rows_for(reqs, [0, 1, 2], processor.tokenizer)
+        queue.add(rows, feats)
+        chunk = queue.step(decoding=False)
+        assert [r.slot for r in chunk.failed] == [1] and "cursed" in str(chunk.error)
+        assert [r.slot for r in chunk.finished] == [0, 2] and len(queue) == 0
+        assert runner.start(chunk.finished, chunk.logits) == [want[0], want[2]]
+        with pytest.raises(ValueError, match="picture tokens"):
+            queue.add(rows_for(reqs[:2], [0, 1], processor.tokenizer), [feats[0], []])
+        assert len(queue) == 0

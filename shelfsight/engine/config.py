@@ -13,7 +13,8 @@ class EngineConfig:
     max_waiting: int = 256  # queued beyond the running batch; more is refused (RESOURCE_EXHAUSTED)
     max_prefill_tokens: int = 8192  # prompt tokens admitted at once (at least one request)
     # slot runner: prompt tokens prefilled between two decode steps (a longer prompt continues in the
-    # next iteration), so a burst of new requests does not stall the running streams; 0 = no limit
+    # next iteration), so a burst of new prompts does not stall the running streams for long (their
+    # pictures still go through the vision tower at admission, all at once); 0 = no limit
     prefill_chunk_tokens: int = 512
     # prompt + answer, and the length of every KV-cache slot: the cache holds max_batch + 1 slots of
     # this many tokens per layer, allocated once (2B shape, bf16: 112 KiB a token, 15 GB at 32 x 4096)
@@ -33,6 +34,16 @@ class EngineConfig:
     # measured through Triton at c=32: every token 15.1 req/s, 20 ms 28.0 req/s, 50 ms 34.7 req/s.
     # 50 ms is 20 updates a second: still a smooth stream to a person.
     stream_interval: float = 0.05
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_model_len", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"engine {name} must be at least 1, got {getattr(self, name)}")
+        if self.prefill_chunk_tokens < 0:
+            raise InvalidArgument(f"engine prefill_chunk_tokens must be 0 (no limit) or more, got {self.prefill_chunk_tokens}")
+        if self.int4_dense_from < -1:
+            raise InvalidArgument(f"engine int4_dense_from must be -1 (measured), 0 (never) or a row count, "
+                                  f"got {self.int4_dense_from}")
 
 
 @dataclass(frozen=True)

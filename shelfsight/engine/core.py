@@ -1,10 +1,12 @@
 """The generation engine: continuous batching of Qwen3-VL requests on one device.
 
 One thread owns the model. Each iteration: the scheduler admits waiting requests into free KV-cache
-slots; they are prefilled together (vision features reused when the same picture was seen recently)
-and join the batch; the runner decodes one token for every running row; the output stage streams text
-deltas to each request's sink and says which rows finished, whose slots are freed. New requests join at
-the next step instead of waiting for a whole batch to end.
+slots and their pictures go through the vision tower (features reused when the same picture was seen
+recently); a chunk of the admitted prompts is prefilled (slot_prefill.py; the reference runner
+prefills whole groups) and the requests whose prompt is complete join the batch with their first
+token; the runner decodes one token for every running row; the output stage streams text deltas to
+each request's sink and says which rows finished, whose slots are freed. New requests join at the next
+step instead of waiting for a whole batch to end.
 
 Runners: `slots` (default; fixed KV slots, compact decoder, CUDA graphs on GPU) and `reference`
 (transformers' forward over a DynamicCache), selected by EngineConfig.runner.
@@ -64,13 +66,18 @@ def check_inputs(req, policy: PixelPolicy) -> None:
         raise InvalidArgument(f"image_grid_thw must be (1, h, w) per picture, got {grid.tolist()}")
     if len(req.image_keys) != grid.shape[0]:
         raise InvalidArgument(f"{len(req.image_keys)} image keys for {grid.shape[0]} pictures")
+    if grid.shape[0] and bool((grid[:, 1:] < 1).any()):
+        raise InvalidArgument(f"image_grid_thw {grid.tolist()} has a side of no patches")
     if grid.shape[0] and bool(((grid[:, 1:] % merge_size) != 0).any()):
         raise InvalidArgument(f"image_grid_thw {grid.tolist()} is not a multiple of the model's merge size {merge_size}")
     want = int(grid.prod(-1).sum()) * policy.patch_size ** 2 * 3
-    if req.pixels.dtype != torch.uint8 or req.pixels.ndim != 1 or req.pixels.numel() != want:
-        raise InvalidArgument(f"pixels must be {want} bytes (uint8, each picture's {policy.patch_size} x grid "
-                              f"pixels x 3 channels) for the grids {grid.tolist()}; got {req.pixels.numel()} "
-                              f"{req.pixels.dtype} values of shape {list(req.pixels.shape)}")
+    px = req.pixels
+    if not isinstance(px, torch.Tensor):
+        raise InvalidArgument(f"pixels must be a torch uint8 tensor, got {type(px).__name__}")
+    if px.dtype != torch.uint8 or px.ndim != 1 or px.numel() != want:
+        raise InvalidArgument(f"pixels must be {want} bytes for the grids {grid.tolist()}: one flat uint8 tensor, "
+                              f"each picture ({policy.patch_size}*grid_h) x ({policy.patch_size}*grid_w) x 3 "
+                              f"in order; got {px.numel()} {px.dtype} values of shape {list(px.shape)}")
     pads = (ids == qwen.IMAGE_PAD_ID).int()
     edges = torch.diff(pads, prepend=pads.new_zeros(1), append=pads.new_zeros(1))
     runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
@@ -222,11 +229,16 @@ class Engine:
         self.runner.reset()
 
     def _drop_prefilling(self, rows: list[Row], error: ShelfsightError) -> None:
-        """Rows that never reached the batch: their requests end with `error`, their slots are freed."""
+        """Rows that never reached the batch: their requests end with `error`, their slots are freed
+        (even if a sink fails to take the error)."""
         for row in rows:
-            row.req.sink.fail(error)
-            with self._cv:
-                self.scheduler.release(row.slot)
+            try:
+                row.req.sink.fail(error)
+            except Exception:
+                log.exception("a request's sink failed to take its error")
+            finally:
+                with self._cv:
+                    self.scheduler.release(row.slot)
 
     def _fail_all(self, error: ShelfsightError) -> None:  # called under the lock
         for req in self.scheduler.drain():
@@ -267,15 +279,27 @@ class Engine:
         self._join(rows, pre)
 
     def _prefill_chunk(self) -> None:
-        """One chunk of the queued prompts (slot_prefill.py); rows whose prompt it completed join the batch."""
+        """One chunk of the queued prompts (slot_prefill.py); rows whose prompt it completed join the
+        batch. Every row the chunk hands back ends up in the batch or failed with its slot freed."""
         chunk = self.prefilling.step(decoding=bool(len(self.batch)))
-        if chunk.cancelled:
-            self._drop_prefilling(chunk.cancelled, CANCELLED)
-        if chunk.failed:
-            e = chunk.error
-            self._drop_prefilling(chunk.failed, Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
-        if chunk.finished:
-            self._join(chunk.finished, chunk.logits)
+        settled = []
+        try:
+            if chunk.cancelled:
+                self._drop_prefilling(chunk.cancelled, CANCELLED)
+            settled += chunk.cancelled
+            if chunk.failed:
+                e = chunk.error
+                self._drop_prefilling(chunk.failed, Unavailable(f"prefill failed: {type(e).__name__}: {e}"))
+            settled += chunk.failed
+            if chunk.finished:
+                self._join(chunk.finished, chunk.logits)
+            settled += chunk.finished
+        finally:
+            done = {id(r) for r in settled}
+            lost = [r for r in chunk.cancelled + chunk.failed + chunk.finished
+                    if id(r) not in done and self.batch.get(r.slot) is not r]
+            if lost:
+                self._drop_prefilling(lost, Unavailable("prefill failed"))
 
     def _join(self, rows: list[Row], prefilled) -> None:
         """Rows whose prompts are in the runner (`prefilled`: their logits, or the reference runner's

@@ -89,12 +89,12 @@ class Decoder:
         (an earlier chunk). deep: per deepstack layer (the first few), (indices into T [v],
         features [v, hidden]), added to the hidden states after that layer, as transformers does."""
         T, H, G, D = x.shape[0], self.hkv, self.hq // self.hkv, self.d
-        slot = torch.cat([torch.full((n,), s, dtype=torch.int64) for s, _, n in segments])
-        pos = torch.cat([torch.arange(a, a + n) for _, a, n in segments])
-        where = ((slot[:, None] * H + torch.arange(H)[None]) * self.max_len + pos[:, None]).reshape(-1).to(self.device)
+        # built on the device from Python ints (a host tensor copied over would wait for the device)
+        ar = self.positions
+        where = torch.cat([((s * H + self.heads[None]) * self.max_len + ar[a:a + n, None]).reshape(-1)
+                           for s, a, n in segments])  # [T * H], in k.reshape(-1, D)'s order
         # per request, [G * n, a + n]: query row (g, i) sees the keys up to its own position a + i
-        masks = [(torch.arange(a + n)[None] <= torch.arange(a, a + n)[:, None]).repeat(G, 1).to(self.device)
-                 for _, a, n in segments]
+        masks = [(ar[:a + n][None] <= ar[a:a + n, None]).repeat(G, 1) for _, a, n in segments]
         cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
         for i, (w, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
             q = self._qkv(w, x, cos, sin, kc, vc, where)  # [T, hq, D]

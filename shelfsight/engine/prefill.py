@@ -6,6 +6,7 @@ left-padded, into a transformers DynamicCache ([k, kv_heads, L, head_dim] per la
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -57,21 +58,22 @@ def vision(model, reqs: list[Request], cache: VisionCache, observer, policy=None
     of the group that is not cached (a picture that appears twice is computed once). The pictures
     come as uint8 pixels: only the uncached ones are moved to the device and cut into patches there
     (`policy`: a PixelPolicy; by default the model config's)."""
-    from shelfsight.model.preprocessing import Patchifier, PixelPolicy
+    from shelfsight.model.preprocessing import PixelPolicy
 
     device = model.device
-    patchify = Patchifier(policy or PixelPolicy.of_model(model.config))
+    patchify = _patchifier(policy or PixelPolicy.of_model(model.config))
     pictures = []  # (request index, picture index, key, pixels [n] uint8, grid [3])
     for i, r in enumerate(reqs):
         grids = r.grid_thw.reshape(-1, 3)
         sizes = [patchify.picture_bytes(g) for g in grids.tolist()]
         bounds = [0] + torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()
         for j, key in enumerate(r.image_keys):
-            pictures.append((i, j, key or f"row {i} picture {j}", r.pixels[bounds[j]:bounds[j + 1]], grids[j]))
-    found: dict[str, Feature] = {}
+            # a picture without a key is its own: never shared, never cached
+            pictures.append((i, j, key or (i, j), r.pixels[bounds[j]:bounds[j + 1]], grids[j]))
+    found: dict = {}
     if cache.max_bytes:
         for _, _, key, _, _ in pictures:
-            if key not in found:
+            if isinstance(key, str) and key not in found:
                 hit = cache.get(key)
                 observer.vision_cache(hit is not None)
                 if hit is not None:
@@ -80,19 +82,27 @@ def vision(model, reqs: list[Request], cache: VisionCache, observer, policy=None
     if todo:
         grid = torch.stack([t[1][1] for t in todo])
         # one host-to-device copy of the uint8 pixels (8x fewer bytes than float32 patches)
-        pixels = torch.cat([t[1][0] for t in todo]).to(device, non_blocking=True)
+        pixels = torch.cat([t[1][0] for t in todo]).to(device)
         pv = patchify.patches(pixels, grid)  # [P, D] float32 on the device
         out = model.model.get_image_features(pv, grid.to(device), return_dict=True)
         for n, (key, _) in enumerate(todo):
             embeds = out.pooler_output[n]
             deep = [layer[n] for layer in out.deepstack_features]
             found[key] = (embeds, deep)
-            if cache.max_bytes:
+            if cache.max_bytes and isinstance(key, str):
                 cache.put(key, embeds, deep)
     feats: list[list[Feature]] = [[] for _ in reqs]
     for i, _, key, _, _ in pictures:
         feats[i].append(found[key])
     return feats
+
+
+@functools.lru_cache(maxsize=8)
+def _patchifier(policy):
+    """One Patchifier per policy: it keeps its mean and std on each device it has been used on."""
+    from shelfsight.model.preprocessing import Patchifier
+
+    return Patchifier(policy)
 
 
 @dataclass

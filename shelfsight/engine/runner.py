@@ -112,7 +112,11 @@ class SlotRunner:
             return
         if setting == -1 and not self.cuda:
             return  # on CPU the copy would be float32 (8x the int4 bytes); keep tinygemm
-        threshold, table = (qlinear.choose_int4_threshold(mods, self.batch_buckets) if setting == -1
+        if self.graphs.graphs:  # a captured graph would keep calling the kernel (and weight) it recorded
+            raise RuntimeError("int4 kernels must be chosen before any decode graph is captured")
+        # the prefill chunk's row count too: prefill runs the same modules with that many rows
+        sizes = sorted(set(self.batch_buckets) | {self.config.prefill_chunk_tokens} - {0})
+        threshold, table = (qlinear.choose_int4_threshold(mods, sizes) if setting == -1
                             else (setting or None, []))
         held = qlinear.set_int4_threshold(mods, threshold)
         self.int4_kernels = {"dense_from": threshold, "dense_bytes": held, "timings": table}
@@ -142,7 +146,7 @@ class SlotRunner:
     # ---- prefill ----
     def prefill_queue(self, model) -> PrefillQueue:
         """Prompts are prefilled on this runner's decoder, into its slots (slot_prefill.py)."""
-        return PrefillQueue(model, self.decoder, self.config.prefill_chunk_tokens)
+        return PrefillQueue(model, self.decoder, self.config.prefill_chunk_tokens, self.config.max_prefill_tokens)
 
     def start(self, rows: list[Row], logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> list[int]:
         """Rows whose prompts are in their slots (row.length set), with their last prompt position's

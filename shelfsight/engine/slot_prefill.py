@@ -61,10 +61,12 @@ class Chunk:
 class PrefillQueue:
     """Admitted requests whose prompts are being prefilled, oldest first. Engine thread only."""
 
-    def __init__(self, model, decoder, budget: int):
+    def __init__(self, model, decoder, budget: int, idle_budget: int):
         self.model, self.decoder = model, decoder
-        self.budget = budget  # prompt tokens per iteration; 0 = whole prompts, however long
+        self.budget = budget  # prompt tokens per iteration while streams decode; 0 = no limit
+        self.idle_budget = idle_budget  # the same with nothing decoding (bounds one forward's memory)
         self._queue: deque[Pending] = deque()
+        self._pin = decoder.device.type == "cuda"
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -79,71 +81,93 @@ class PrefillQueue:
 
     def add(self, rows: list[Row], feats: list[list[Feature]]) -> None:
         """Queue freshly admitted rows (their pictures' features from prefill.vision); sets each row's
-        M-RoPE delta."""
-        for row, f in zip(rows, feats):
-            self._queue.append(self._prepare(row, f))
+        M-RoPE delta. All or none: a row that cannot be prepared raises and none is queued."""
+        self._queue.extend([self._prepare(row, f) for row, f in zip(rows, feats)])
+
+    def _device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the decoder's device without waiting for the device (pinned, async copy)."""
+        if self._pin:
+            return t.pin_memory().to(self.decoder.device, non_blocking=True)
+        return t.to(self.decoder.device)
 
     def _prepare(self, row: Row, feats: list[Feature]) -> Pending:
         model, dec = self.model, self.decoder
-        ids = row.req.input_ids.to(dec.device)[None]  # [1, n]
+        # The rope index and the picture positions are computed on the host, from the host's ids: on
+        # the device they would each wait for the decode step in flight.
+        ids = row.req.input_ids.reshape(1, -1)  # [1, n] on the host
         mm = (ids == qwen.IMAGE_PAD_ID).long()
-        grid = row.req.grid_thw.reshape(-1, 3).to(dec.device) if feats else None
-        position, delta = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
-        embeds = F.embedding(ids[0], dec.embed)  # [n, hidden]
         visual = torch.nonzero(mm[0]).flatten()
+        n_visual = sum(f[0].shape[0] for f in feats)
+        if visual.numel() != n_visual:
+            raise ValueError(f"the prompt holds {visual.numel()} picture tokens, its pictures give {n_visual}")
+        grid = row.req.grid_thw.reshape(-1, 3) if feats else None
+        position, delta = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
+        visual_at = self._device(visual)
+        embeds = F.embedding(self._device(ids[0]), dec.embed)  # [n, hidden]
         deep = []
         if feats:
-            embeds[visual] = torch.cat([f[0] for f in feats]).to(embeds.dtype)
+            embeds[visual_at] = torch.cat([f[0] for f in feats]).to(embeds.dtype)
             deep = [torch.cat([f[1][layer] for f in feats]) for layer in range(len(feats[0][1]))]
-        cos, sin = model.model.language_model.rotary_emb(embeds[None], position)  # [1, n, D] each
+        cos, sin = model.model.language_model.rotary_emb(embeds[None], self._device(position))  # [1, n, D]
         row.delta = int(delta.view(-1)[0])
-        return Pending(row, embeds, cos[0], sin[0], visual.tolist(), visual, deep)
+        return Pending(row, embeds, cos[0], sin[0], visual.tolist(), visual_at, deep)
 
     def step(self, decoding: bool = True) -> Chunk:
-        """Prefill up to `budget` prompt tokens, oldest request first; with no stream decoding
-        (`decoding` False) there is nothing to stall: every queued prompt at once."""
+        """Prefill up to `budget` prompt tokens, oldest request first (`idle_budget` when no stream is
+        decoding: then there is nothing to stall). The queue changes only once the work succeeded; if
+        a packed forward fails, each request is tried again alone, so only the culprit fails."""
         out = Chunk()
+        for p in [p for p in self._queue if p.row.req.sink.is_cancelled()]:
+            self._queue.remove(p)
+            out.cancelled.append(p.row)
         parts: list[tuple[Pending, int, int]] = []  # (prompt, first token, end)
-        left = (self.budget if decoding else 0) or float("inf")
-        for p in list(self._queue):
+        left = (self.budget if decoding else self.idle_budget) or float("inf")
+        for p in self._queue:
             if left <= 0:
                 break
-            if p.row.req.sink.is_cancelled():
-                self._queue.remove(p)
-                out.cancelled.append(p.row)
-                continue
             end = int(min(p.n, p.done + left))
             parts.append((p, p.done, end))
             left -= end - p.done
         if not parts:
             return out
         try:
-            hidden = self._run(parts)
-        except Exception as e:  # these requests fail; their slots' contents are overwritten on reuse
-            log.exception("prefill failed")
-            for p, _, _ in parts:
-                self._queue.remove(p)
-                out.failed.append(p.row)
-            out.error = e
+            logits = self._run(parts)
+        except Exception as e:
+            if len(parts) == 1:
+                log.exception("prefill failed")
+                self._queue.remove(parts[0][0])
+                out.failed.append(parts[0][0].row)
+                out.error = e
+                return out
+            log.warning("a packed prefill of %d requests failed (%s: %s); each again alone", len(parts),
+                        type(e).__name__, e)
+            for part in parts:
+                try:
+                    self._commit([part], self._run([part]), out)
+                except Exception as e1:
+                    log.exception("prefill failed")
+                    self._queue.remove(part[0])
+                    out.failed.append(part[0].row)
+                    out.error = e1
             return out
-        last = []
-        offset = 0
+        self._commit(parts, logits, out)
+        return out
+
+    def _commit(self, parts, logits: torch.Tensor | None, out: Chunk) -> None:
+        """The parts ran: advance them; the finished ones leave the queue with their logits."""
         for p, a, b in parts:
             p.done = b
-            offset += b - a
+            out.tokens += b - a
             if b == p.n:
                 self._queue.remove(p)
                 p.row.length = p.n
                 out.finished.append(p.row)
-                last.append(offset - 1)
-            out.tokens += b - a
-        if last:
-            at = torch.tensor(last, device=hidden.device)
-            out.logits = self.decoder.lm_head(hidden.index_select(0, at)).float()
-        return out
+        if logits is not None:
+            out.logits = logits if out.logits is None else torch.cat([out.logits, logits])
 
-    def _run(self, parts: list[tuple[Pending, int, int]]) -> torch.Tensor:
-        """One packed `extend` over the parts -> final hidden states [T, hidden]."""
+    def _run(self, parts: list[tuple[Pending, int, int]]) -> torch.Tensor | None:
+        """One packed `extend` over the parts -> the logits [k, V] float32 at the last prompt token of
+        each part that completes its prompt (None if none does)."""
         x = torch.cat([p.embeds[a:b] for p, a, b in parts])
         cos = torch.cat([p.cos[a:b] for p, a, b in parts])
         sin = torch.cat([p.sin[a:b] for p, a, b in parts])
@@ -163,4 +187,12 @@ class PrefillQueue:
             else:
                 empty = torch.zeros(0, dtype=torch.int64, device=x.device)
                 deep.append((empty, x.new_zeros(0, x.shape[1])))
-        return self.decoder.extend(x, cos, sin, segments, deep)
+        hidden = self.decoder.extend(x, cos, sin, segments, deep)
+        last, offset = [], 0
+        for p, a, b in parts:
+            offset += b - a
+            if b == p.n:
+                last.append(offset - 1)
+        if not last:
+            return None
+        return self.decoder.lm_head(hidden.index_select(0, self._device(torch.tensor(last)))).float()

@@ -97,6 +97,14 @@ class Patchifier:
         # The processor folds its 1/255 rescale into mean and std: (x - 127.5) / 127.5 in float32.
         self._mean = torch.tensor(policy.image_mean) * 255.0
         self._std = torch.tensor(policy.image_std) * 255.0
+        self._devices: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on `device`, copied there once."""
+        key = str(device)
+        if key not in self._devices:
+            self._devices[key] = (self._mean.to(device), self._std.to(device))
+        return self._devices[key]
 
     @property
     def patch_dim(self) -> int:
@@ -129,8 +137,8 @@ class Patchifier:
 
     def patches(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """pixels [N] uint8 (pictures' H x W x 3, in order), grids [n, 3] -> pixel_values [P, D] float32
-        on pixels' device. Subtraction and division are exactly rounded in IEEE float32 on every
-        device, so the GPU gives the processor's values bit for bit."""
+        on pixels' device: the processor's operations, subtraction and division, which IEEE float32
+        rounds exactly on any device (bit-for-bit equality is tested on CPU)."""
         pol = self.policy
         P, M, T = pol.patch_size, pol.merge_size, pol.temporal_patch_size
         shapes = grids.reshape(-1, 3).tolist()
@@ -138,7 +146,7 @@ class Patchifier:
         if need != pixels.numel():
             raise InvalidArgument(f"pixels hold {pixels.numel()} bytes; the grids {shapes} need {need}")
         out, at = [], 0
-        mean, std = self._mean.to(pixels.device), self._std.to(pixels.device)
+        mean, std = self._on(pixels.device)
         for _, gh, gw in shapes:
             n = gh * gw * P * P * 3
             hwc = pixels[at:at + n]

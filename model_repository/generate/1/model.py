@@ -65,7 +65,7 @@ class TritonObserver(Observer):
             labels=labels, buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5])
         self.prompt = family("shelfsight_engine_prompt_tokens_total", C, "Prompt tokens processed").Metric(labels=labels)
         self.completion = family("shelfsight_engine_generation_tokens_total", C, "Tokens generated").Metric(labels=labels)
-        self.running = family("shelfsight_engine_requests_running", G, "Rows in the decoding batch").Metric(labels=labels)
+        self.running = family("shelfsight_engine_requests_running", G, "Requests holding a KV-cache slot (decoding, or being prefilled)").Metric(labels=labels)
         self.waiting = family("shelfsight_engine_requests_waiting", G, "Requests queued for the engine").Metric(labels=labels)
         vc = family("shelfsight_engine_vision_cache_lookups_total", C, "Vision-feature cache lookups by result")
         self.vc_hit, self.vc_miss = vc.Metric(labels={**labels, "result": "hit"}), vc.Metric(labels={**labels, "result": "miss"})
