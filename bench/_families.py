@@ -189,4 +189,26 @@ def _recoloured(p: synth.Product, colour: str) -> dict:
                 script=p.script, label=p.label, attributes=p.attributes)
 
 
-FAMILIES = {"colour": colour_pairs, "faint": faint_pairs, "group": group_pairs}
+LARGE_TEXTS = [("PRICE $1.99", "PRICE $7.49"), ("500 ml", "300 ml"), ("EXP 03/26", "EXP 08/26"), ("SKU 30417", "SKU 30411")]
+
+
+def large_pairs(seed: int = 0, quick: bool = False) -> list[tuple[str, Image.Image, Image.Image]]:
+    """Phone-sized photos (1600-4000 px) with a price tag in black on white whose print is 7-16 px in
+    the model's view (~1024 px a side): a check at a fixed 512 px lost it and served the other tag's answer."""
+    rng = random.Random(seed)
+    out = []
+    for side in (1600, 2400, 3000, 4000):
+        for model_px in (7, 10, 13, 16):
+            if quick and rng.random() > 0.4:
+                continue
+            px = round(model_px * side / 1024)
+            ta, tb = rng.choice(LARGE_TEXTS)
+            backdrop = synth.render(synth.make_product(rng), seed=rng.randrange(1 << 30)).resize((side, side), Image.BICUBIC)
+            where = (rng.randrange(side // 20, side // 2), rng.randrange(side // 20, side - 3 * px))
+            a, b = (faint_label((side, side), (255, 255, 255), (0, 0, 0), t, px, where, "DejaVuSans.ttf", backdrop)
+                    for t in (ta, tb))
+            out.append((f"large {side} px, {model_px} px print as the model sees it {ta!r}->{tb!r}", a, b))
+    return out
+
+
+FAMILIES = {"colour": colour_pairs, "faint": faint_pairs, "group": group_pairs, "large": large_pairs}

@@ -43,6 +43,7 @@ from shelfsight.conversation import Conversation  # noqa: E402
 from bench import _families as pf  # noqa: E402
 from shelfsight.gateway import cache, likeness  # noqa: E402
 from shelfsight.gateway.settings import CacheSettings  # noqa: E402
+from shelfsight.model.imaging import PixelBounds  # noqa: E402
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu/"
 LATIN_FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
@@ -236,10 +237,12 @@ def main() -> int:
     cache.difference = timed_check  # ResultCache calls it through the module
     first = likeness.decode_picture(copies["labels and renders"][0][1])
     check(first, likeness.thumbnail(first, 512))  # warm-up
-    sizes = [len(likeness.thumbnail(likeness.decode_picture(a), new.verify_side).encode())
-             for _, a, _ in copies["labels and renders"][::len(VARIANTS)]]
-    print(f"stored thumbnails ({new.verify_side} px, zlib): median {statistics.median(sizes) / 1024:.0f} KiB,"
-          f" max {max(sizes) / 1024:.0f} KiB")
+    for kind, items in copies.items():  # thumbnails at the side of the model's view (likeness.check_side)
+        sizes = [len(likeness.thumbnail(pic, likeness.check_side(likeness.view_side(*pic.info["source"], PixelBounds.max_pixels),
+                                                                  new.verify_side)).encode())
+                 for pic in (likeness.decode_picture(a) for _, a, _ in items[::len(VARIANTS)])]
+        print(f"stored thumbnails of {kind} (zlib): median {statistics.median(sizes) / 1024:.0f} KiB,"
+              f" max {max(sizes) / 1024:.0f} KiB")
     for rule, settings in rules.items():
         use_colour[0] = colour.get(rule, True)
         timings: list[float] = []

@@ -69,9 +69,9 @@ def response_format(args):
             raise InvalidArgument(f"schema file {args.json_schema} is not UTF-8 text") from None
     if args.json_object:
         return formats.parse("json_object")
-    if args.regex:
+    if args.regex is not None:  # an empty one is refused by name, never dropped into a free answer
         return formats.parse("regex", args.regex)
-    if args.choice:
+    if args.choice is not None:
         return formats.parse("choice", [c.strip() for c in args.choice.split(",") if c.strip()])
     return None
 

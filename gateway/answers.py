@@ -172,7 +172,8 @@ class Answers:
             # The perceptual level compares one picture against one stored picture: it applies to a request
             # with exactly one picture (whatever its turns: they are in the key's context, exactly).
             one = c.image is not None
-            probe = Probe(key, encoded=c.encoded[0] if one else None, perceptual=one)
+            probe = Probe(key, encoded=c.encoded[0] if one else None, perceptual=one,
+                          max_pixels=self.upstream.model().pixels.max_pixels)
             if c.policy == "use":
                 hit = await self.cache.lookup(probe, c.image, self._on_lookup)
                 if hit is not None:

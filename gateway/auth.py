@@ -38,6 +38,7 @@ DEFAULT_RIGHTS = ("answer", "search")
 # what each method needs (gRPC method names and HTTP routes)
 NEEDS = {"Recognize": "answer", "RecognizeStream": "answer", "/v1/chat/completions": "answer",
          "Search": "search", "Info": "search", "/v1/embeddings": "search", "/v1/models": "answer",
+         "/v1/models/{id}": "answer",
          "Index": "index", "Delete": "index"}
 KEY_PREFIX = "ss-"
 # The client a call runs for (its name), for the access log, metrics and a client-scoped cache.

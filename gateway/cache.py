@@ -27,10 +27,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from shelfsight.errors import CacheUnavailable
-from shelfsight.gateway.likeness import (Signature, Thumbnail, decode_picture, decoded_pixels, difference, near,
-                                        signature_of, thumbnail)
+from shelfsight.gateway.likeness import (FINEST, Signature, Thumbnail, check_side, checkable, decode_picture,
+                                         decoded_pixels, difference, near, signature_of, thumbnail, view_side)
 from shelfsight.gateway.settings import CacheSettings
-from shelfsight.model.imaging import Encoded
+from shelfsight.model.imaging import Encoded, PixelBounds
 
 ENTRY_OVERHEAD = 256  # bytes per entry beyond its value: keys, bookkeeping
 
@@ -261,9 +261,11 @@ class Probe:
     key: CacheKey
     encoded: Encoded | None = None  # format and size from the header (validate): what decoding costs
     signature: Signature | None = None
-    picture: object = None  # the decoded picture (Pillow RGB, <= KEEP_SIDE) while candidates are checked
+    picture: object = None  # the decoded picture (Pillow RGB, < 2 x KEEP_SIDE) while candidates are checked
     thumb: bytes | None = None  # the encoded thumbnail, kept from a miss until the answer is stored
     perceptual: bool = True  # False: exact only (a request with several pictures, or none)
+    max_pixels: int = PixelBounds.max_pixels  # the served model's resize bound: how finely it sees the picture
+    view: float = 0.0  # the long side of the model's view of the picture (likeness.view_side), once decoded
 
     @property
     def cost(self) -> int:
@@ -318,7 +320,10 @@ class ResultCache:
 
     def _examine(self, probe: Probe, image: bytes) -> None:
         probe.picture = decode_picture(image, probe.encoded.pixels if probe.encoded else None)
-        probe.signature = signature_of(probe.picture, self.settings.phash_bits)
+        probe.view = view_side(*probe.picture.info["source"], probe.max_pixels)
+        # A picture the model sees more finely than any thumbnail can is cached exactly only: without a
+        # signature it is neither looked up nor stored as a candidate.
+        probe.signature = signature_of(probe.picture, self.settings.phash_bits) if checkable(probe.view) else None
 
     async def _decode(self, probe: Probe, image: bytes) -> None:
         """Decode off the event loop, within the budget; a picture Pillow cannot read has no signature."""
@@ -336,7 +341,8 @@ class ResultCache:
     def _keep_thumbnail(self, probe: Probe) -> None:
         """Make the thumbnail a stored answer will need and let go of the decoded picture."""
         if self.settings.verify and probe.thumb is None and probe.picture is not None:
-            probe.thumb = thumbnail(probe.picture, self.settings.verify_side).encode()
+            if probe.signature is not None:
+                probe.thumb = thumbnail(probe.picture, check_side(probe.view, self.settings.verify_side)).encode()
         probe.picture = None
 
     async def lookup(self, probe: Probe, image: bytes, on_result) -> tuple[CachedAnswer, str] | None:
@@ -351,6 +357,10 @@ class ResultCache:
             await self._decode(probe, image)
         except Exception:  # a picture Pillow cannot read has no neighbours; Triton will say why
             on_result("perceptual", False)
+            return None
+        if probe.signature is None:  # seen by the model more finely than a check can: exact only
+            on_result("perceptual", False)
+            probe.picture = None
             return None
         s = self.settings
         found = await self.store.candidates(probe.key.context, probe.signature, s.max_distance, s.max_colour_distance)
@@ -373,14 +383,19 @@ class ResultCache:
         if raw is None:  # stored without one (verification was off): cannot be vouched for
             return False
         try:
-            return await self._run(difference, probe.picture, Thumbnail.decode(raw)) <= self.settings.max_difference
+            stored = Thumbnail.decode(raw)
+            # A thumbnail coarser than the model's view of the asked picture cannot vouch for print the
+            # model reads in it (a 512 px one, stored by an older gateway, for a 3000 px photo).
+            if stored is None or max(stored.grey.shape) < FINEST * probe.view - 1:
+                return False
+            return await self._run(difference, probe.picture, stored) <= self.settings.max_difference
         except Exception:  # a damaged entry is a miss, never a failed request
             return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
         if self.settings.perceptual and probe.perceptual and getattr(self.store, "up", True):
             try:
-                if probe.signature is None:  # not looked up (REFRESH): decode now
+                if not probe.view:  # not looked up (REFRESH): decode now
                     await self._decode(probe, image)
                 await self._run(self._keep_thumbnail, probe)
             except Exception:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 
 import numpy as np
@@ -37,7 +38,7 @@ from shelfsight.gateway.auth import KeyRing
 from shelfsight.gateway.fetch import Fetcher
 from shelfsight.gateway.metrics import GatewayMetrics
 from shelfsight.gateway.search import SearchService
-from shelfsight.gateway.validate import Ask
+from shelfsight.gateway.validate import REQUEST_ID, Ask
 from shelfsight.serving.pipeline import Item
 
 log = logging.getLogger("shelfsight.gateway")
@@ -49,12 +50,13 @@ STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404,
           "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "INTERNAL": 500}
 ROLES = {"system": SYSTEM, "developer": SYSTEM, "user": USER, "assistant": ASSISTANT}
 ROUTES = ("/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health")  # metric labels: few, fixed
+ONE_MODEL = "/v1/models/{id}"  # (the label of GET /v1/models/NAME)
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def refusal(field: str, why: str) -> HTTPError:
@@ -63,7 +65,7 @@ def refusal(field: str, why: str) -> HTTPError:
 
 def error_response(e: Exception) -> JSONResponse:
     if isinstance(e, HTTPError):
-        return JSONResponse(oa.error(e.status, e.message, e.param), status_code=e.status)
+        return JSONResponse(oa.error(e.status, e.message, e.param, e.code), status_code=e.status)
     if isinstance(e, ShelfsightError):
         status = STATUS.get(e.code, 500)
         retry = getattr(e, "retry_after", None)
@@ -93,12 +95,27 @@ async def parse(request: Request, model):
         try:  # pydantic parses and validates in one pass (its JSON parser is Rust): no dict in between
             return model.model_validate_json(bytes(body))
         except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "json_invalid":
-                raise HTTPError(400, f"the body is not valid JSON: {first['msg']}") from None
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise HTTPError(400, f"{where}: {first['msg']}", param=where) from None
+            found = e.errors()
+            if found[0]["type"] == "json_invalid":
+                raise HTTPError(400, f"the body is not valid JSON: {found[0]['msg']}") from None
+            # Of a union's branches (content: a string or a list of parts) the one that got furthest says
+            # what is wrong: "content[0].text", not "content.str".
+            deepest = max(found, key=lambda err: len(_where(err["loc"])))
+            where = _where(deepest["loc"]) or "body"
+            raise HTTPError(400, f"{where}: {deepest['msg']}", param=where) from None
     return await asyncio.to_thread(load) if len(body) > PARSE_ON_LOOP else load()
+
+
+def _where(loc) -> str:
+    """pydantic's error location as the field path a client wrote (messages[0].content[1].text), without
+    the names pydantic gives union branches (str, list[...], the part tags)."""
+    out = ""
+    for step in loc:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif step not in oa.PART_TAGS and step not in ("str", "int", "float") and "[" not in step:
+            out += f".{step}" if out else step
+    return out
 
 
 def refuse_unsupported(r: oa.ChatCompletionRequest) -> None:
@@ -215,32 +232,55 @@ def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, 
         t0 = time.perf_counter()
         r = await parse(request, oa.ChatCompletionRequest)
         model = served_model(r.model)
-        c = answers.check(await ask_of(r, fetcher, r.request_id or request.headers.get("x-request-id", "")))
-        cid, created = oa.completion_id(), oa.now()
-        if r.stream:
-            return StreamingResponse(stream(c, cid, created, model, r, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "x-request-id": c.request_id})
-        async with answers.answer(c, None, t0) as a:  # HTTP carries no deadline: the gateway's cap bounds the call
-            text = await until_disconnected(request, a.text())
+        try:
+            c = answers.check(await ask_of(r, fetcher, r.request_id or header_request_id(request)))
+            cid, created = oa.completion_id(), oa.now()
+            if r.stream:
+                return await opened_stream(request, c, cid, created, model, r, t0)
+            async with answers.answer(c, None, t0) as a:  # HTTP carries no deadline: the gateway's cap bounds the call
+                text = await until_disconnected(request, a.text())
+        except InvalidArgument as e:
+            raise in_openai_terms(e, r) from None
         o = a.outcome
         body = oa.completion(cid, created, model, text, o.finish_reason, o.prompt_tokens, o.completion_tokens, vendor(o))
         return JSONResponse(body, headers={"x-shelfsight-cache": o.cache_status, "x-request-id": o.request_id,
                                            "x-shelfsight-total-ms": f"{o.total_seconds * 1000:.1f}"})
 
-    async def stream(c, cid: str, created: int, model: str, r: oa.ChatCompletionRequest, t0: float):
+    async def opened_stream(request: Request, c, cid: str, created: int, model: str, r: oa.ChatCompletionRequest,
+                            t0: float):
+        """The stream's 200 goes out with its first piece of text: a refusal that only the model's side
+        can make (a prompt longer than the model takes) is still a 400, not an error event after a 200."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            a = await stack.enter_async_context(answers.answer(c, None, t0))
+            pieces = a.pieces()
+            first = await until_disconnected(request, anext(pieces, None))
+        except BaseException:
+            await stack.aclose()
+            raise
+        return ClosingStream(stack, stream(a, pieces, first, cid, created, model, r), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "x-request-id": c.request_id})
+
+    async def stream(a, pieces, first: str | None, cid: str, created: int, model: str, r: oa.ChatCompletionRequest):
         def event(doc: dict) -> bytes:
             return b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        log = CALL_LOG.get({})
         try:
-            async with answers.answer(c, None, t0) as a:
-                yield event(oa.chunk(cid, created, model, {"role": "assistant", "content": ""}))
-                async for piece in a.pieces():
+            yield event(oa.chunk(cid, created, model, {"role": "assistant", "content": ""}))
+            if first is not None:  # (None: the answer ended before any text)
+                yield event(oa.chunk(cid, created, model, {"content": first}))
+                async for piece in pieces:
                     yield event(oa.chunk(cid, created, model, {"content": piece}))
             o = a.outcome
             yield event(oa.chunk(cid, created, model, {}, o.finish_reason))
             if r.stream_options and r.stream_options.include_usage:
                 yield event(oa.usage_chunk(cid, created, model, o.prompt_tokens, o.completion_tokens, vendor(o)))
         except ShelfsightError as e:  # after the 200: the error as one last event, as OpenAI's servers do
+            log["http_status"] = STATUS.get(e.code, 500)  # counted with the status it deserved
             yield event(oa.error(STATUS.get(e.code, 500), e.message, code=e.code.lower()))
+        except (asyncio.CancelledError, GeneratorExit):
+            log["http_status"] = 499  # the client left mid-stream
+            raise
         yield b"data: [DONE]\n\n"
 
     @app.post("/v1/embeddings")
@@ -277,7 +317,15 @@ def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, 
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "shelfsight"}
                                            for m in found]}
 
-    @app.get("/health")
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str):
+        """What the openai client's models.retrieve asks; a model's short name (before "@") finds it too."""
+        for m in (await models())["data"]:
+            if name in (m["id"], m["id"].split("@")[0]):
+                return m
+        raise NotFound(f"the model {name!r} does not exist here; GET /v1/models lists those served")
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if answers.upstream.ready:
             return {"status": "ok"}
@@ -300,7 +348,8 @@ class Observed:
             return await self.app(scope, receive, send)
         CALL_LOG.set({})
         t0 = time.perf_counter()
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else ONE_MODEL if path.startswith("/v1/models/") else "other"
         status = [500]
 
         async def sending(message):
@@ -319,12 +368,64 @@ class Observed:
                 await error_response(e)(scope, receive, sending)
         finally:
             elapsed = time.perf_counter() - t0
-            self.metrics.requests.labels("http", route, str(status[0]), CALL_LOG.get({}).get("client", "")).inc()
+            log = CALL_LOG.get({})
+            final = log.pop("http_status", status[0])  # a stream's: what its end deserved, not the 200 it began with
+            self.metrics.requests.labels("http", route, str(final), log.get("client", "")).inc()
             self.metrics.request_seconds.labels("http", route).observe(elapsed)
             if route != "/health":
                 access.info(json.dumps({"event": "http", "method": scope["method"], "path": route,
-                                        "status": status[0], "seconds": round(elapsed, 4), **CALL_LOG.get({})},
+                                        "status": final, "seconds": round(elapsed, 4), **log},
                                        ensure_ascii=False))
+
+
+class ClosingStream(StreamingResponse):
+    """A stream that lets go of its answer (the model call it follows, the in-flight count) however the
+    response ends: also when the client left before the body began, and the body was never iterated."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stack = stack
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            CALL_LOG.get({}).setdefault("http_status", 499)  # the client went away while it was sent
+            raise
+        finally:
+            await self.stack.aclose()
+
+
+RENAMED = {"max_new_tokens": "max_tokens", "cache_policy": "cache"}  # the core's names -> this API's
+PARAM_OF = (("picture", "messages"), ("the prompt", "messages"), ("response format", "response_format"),
+            ("schema", "response_format"), ("regex", "response_format"), ("stop", "stop"))
+
+
+def in_openai_terms(e: InvalidArgument, r: oa.ChatCompletionRequest) -> HTTPError:
+    """A refusal of the shared checks (gateway/validate.py, the model's side) named in this API's fields:
+    "max_tokens must be between 1 and 2048", param "max_tokens"; a default the client never sent is
+    said to be one."""
+    message = e.message
+    tokens = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
+    if r.max_tokens is None and r.max_completion_tokens is None:
+        tokens += " (the default)"
+    message = re.sub(r"\bmax_new_tokens\b", tokens, message)
+    message = re.sub(r"\bcache_policy (\S+) is not one of .*", lambda m: f"cache {m[1].lower()!r} is not one of "
+                     "use, skip, refresh", message)
+    head = re.match(r"[a-z_]+(\[\d+\])?", message)
+    field = head[0].split("[")[0] if head else ""
+    if field in oa.ChatCompletionRequest.model_fields or field in RENAMED.values():
+        param = head[0] if field == "messages" else field
+    else:
+        param = next((p for cue, p in PARAM_OF if cue in message.lower()), None)
+    return HTTPError(400, message, param=param, code="invalid_argument")
+
+
+def header_request_id(request: Request) -> str:
+    """x-request-id when it is a valid id; a proxy's header in another form is left out, never a 400
+    (the body's request_id is checked strictly: the client chose it)."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else ""
 
 
 def _retrieval(answers: Answers) -> list[dict]:

@@ -34,33 +34,67 @@ class Signature:
         return cls(int(h, 16), bytes.fromhex(c))
 
 
-DRAFT = 512  # px: JPEGs are decoded at the smallest DCT scale that keeps both sides >= this
-KEEP_SIDE = 1024  # px: the long side a decoded picture is reduced to before it is kept (2x the thumbnail)
+KEEP_SIDE = 1024  # px: the long side a picture is decoded at (or just above) and the finest check
+# The check must see what the model sees: its thumbnail has the long side of the model's own view of the
+# picture (view_side), >= the settings' verify_side and <= KEEP_SIDE, and a stored thumbnail vouches only
+# for a picture the model sees at <= 1/FINEST of its side. At 512 px for every picture, a 3000 px photo
+# (seen by the model at 1024) lost 12 px print in the check: "PRICE $7.49" got "$1.99"'s answer.
+FINEST = 0.8  # the coarsest check per model pixel: what an 80% resize of a copy is compared at
+
+
+def view_side(width: int, height: int, max_pixels: int) -> float:
+    """The long side, in px, of the picture as the model sees it: Qwen's resize brings a picture over
+    `max_pixels` down to that area, and one under it gains no detail when it is enlarged."""
+    return max(width, height) * min(1.0, (max_pixels / max(1, width * height)) ** 0.5)
+
+
+def check_side(view: float, verify_side: int) -> int:
+    """The long side a picture's thumbnail is made at: the model's view, bounded by verify_side and
+    KEEP_SIDE (past KEEP_SIDE / FINEST the picture cannot be vouched for at all)."""
+    return int(min(KEEP_SIDE, max(verify_side, round(view))))
+
+
+def checkable(view: float) -> bool:
+    """Can a thumbnail of at most KEEP_SIDE see this picture finely enough?"""
+    return FINEST * view <= KEEP_SIDE
+
+
+def _draft_scale(width: int, height: int) -> int:
+    """The DCT scale (1, 2, 4, 8) a JPEG is decoded at: the coarsest that keeps the long side >= KEEP_SIDE."""
+    for scale in (8, 4, 2):
+        if max(width, height) // scale >= KEEP_SIDE:
+            return scale
+    return 1
 
 
 def decode_picture(image: bytes, max_pixels: int | None = None):
     """The picture as RGB the way the model sees it (imaging.to_rgb: transparency on white, 16-bit
-    samples scaled), upright, decoded at >= 512 px a side and reduced to at most KEEP_SIDE: what
-    signatures and thumbnails are made from. `max_pixels`: what the header said (imaging.check_encoded);
-    a picture that opens larger (a GIF whose frame outgrows its screen) is refused before decoding."""
+    samples scaled), upright, decoded at a long side of >= KEEP_SIDE where it has one and reduced by a
+    whole factor to less than 2 x KEEP_SIDE: what signatures and thumbnails are made from. Its
+    info["source"] is the picture's own (width, height), which the model's view is computed from.
+    `max_pixels`: what the header said (imaging.check_encoded); a picture that opens larger (a GIF whose
+    frame outgrows its screen) is refused before decoding."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(image), formats=FORMATS) as im:
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise ValueError(f"opens as {im.width}x{im.height}, more than its header said")
-        # Draft decoding keeps >= 512 px a side: a 12 MP JPEG decodes 4x smaller, cheaply. Drafting
-        # further (to 128 px) made copies resized by 90% land on other DCT scales, and their hashes
-        # apart: median distance 14 instead of 2 on product renders.
-        im.draft("RGB", (DRAFT, DRAFT))
+        source = im.size
+        # Draft decoding keeps the long side >= KEEP_SIDE: a 12 MP JPEG decodes 2x smaller a side,
+        # cheaply, and still as finely as the model sees it. (Drafting to 128 px made copies resized by
+        # 90% land on other DCT scales, and their hashes apart: median distance 14 instead of 2.)
+        scale = _draft_scale(*source)
+        im.draft("RGB", (max(1, source[0] // scale), max(1, source[1] // scale)))  # (decodes to ceil(side / scale))
         im.load()
-        # Reduced first, by a whole factor (a cheap box filter), so that what is kept while the model
-        # answers is <= 3 MiB, and so that orienting and converting copy the small picture: each of
-        # them copies even when there is nothing to do (3 x 108 MB for a 36 MP PNG).
-        factor = -(-max(im.size) // KEEP_SIDE)
+        # Reduced first, by a whole factor (a cheap box filter), so that orienting and converting copy
+        # the small picture: each of them copies even when there is nothing to do (3 x 108 MB for a 36 MP
+        # PNG). What is kept while the model answers is the thumbnail alone.
+        factor = max(im.size) // KEEP_SIDE
         small = im.reduce(factor) if factor > 1 and im.mode in ("RGB", "L", "RGBA", "LA") else im
         upright = ImageOps.exif_transpose(to_rgb(small))
-    if max(upright.size) > KEEP_SIDE:  # a mode reduce() does not take (palette, 16-bit): converted first
-        upright = upright.reduce(-(-max(upright.size) // KEEP_SIDE))
+    if max(upright.size) >= 2 * KEEP_SIDE:  # a mode reduce() does not take (palette, 16-bit): converted first
+        upright = upright.reduce(max(upright.size) // KEEP_SIDE)
+    upright.info["source"] = source
     return upright
 
 
@@ -70,9 +104,8 @@ def decoded_pixels(encoded: Encoded) -> int:
     if encoded.format == "JPEG":
         if encoded.progressive:  # libjpeg keeps every DCT coefficient (2 bytes, full size) whatever the draft:
             return 2 * w * h     # a 6000x6000 progressive JPEG grew RSS by 209 MB, a baseline one by 5 MB
-        for scale in (8, 4, 2):
-            if w // scale >= DRAFT and h // scale >= DRAFT:
-                return -(-w // scale) * -(-h // scale)
+        scale = _draft_scale(w, h)
+        return -(-w // scale) * -(-h // scale)
     return w * h
 
 

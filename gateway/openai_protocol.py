@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class Loose(BaseModel):
-    """Unknown fields are accepted (new client versions add fields) and ignored."""
-    model_config = ConfigDict(extra="allow")
+    """Unknown fields are accepted (new client versions add fields) and ignored. Known ones are strict,
+    as OpenAI's server is: `"max_tokens": true` or `"stream": "yes"` is a 400, not 1 token or a stream
+    (an integer is still a number for the float fields)."""
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---- requests ----
@@ -42,7 +44,18 @@ class OtherPart(Loose):
     type: str  # input_audio, file, video_url...: refused by name
 
 
-Part = Union[TextPart, ImagePart, OtherPart]
+def _part_kind(part) -> str | None:
+    """Which model a content part is read as, by its type: a malformed text or image_url part is then
+    reported as that part's error ("text: Input should be a valid string"), not as an unknown type."""
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return None if kind is None else {"text": "text-part", "image_url": "image-part"}.get(kind, "other-part")
+
+
+PART_TAGS = ("text-part", "image-part", "other-part")  # (the HTTP face leaves them out of error locations)
+Part = Annotated[Union[Annotated[TextPart, Tag("text-part")], Annotated[ImagePart, Tag("image-part")],
+                       Annotated[OtherPart, Tag("other-part")]],
+                 Discriminator(_part_kind, custom_error_type="part_type",
+                               custom_error_message="a content part needs a type: text or image_url")]
 
 
 class Message(Loose):
@@ -145,7 +158,7 @@ def usage_chunk(cid: str, created: int, model: str, prompt: int, completion_toke
 
 # OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}, by HTTP status
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 415: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable",
                504: "timeout_error"}
 

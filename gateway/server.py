@@ -50,6 +50,9 @@ def _final_code(context, exc: BaseException | None) -> str:
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    if isinstance(exc, grpc.aio.AbortError):  # a handler (health's Check of an unknown service) set its own
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     return "INTERNAL"
 
 

@@ -21,7 +21,8 @@ class CacheSettings:
     phash_bits: int = 256
     max_distance: int = 112
     max_colour_distance: float = 4.0
-    # A candidate is served when its 512 px thumbnail and the picture disagree by at most
+    # A candidate is served when its thumbnail (at the model's view of the picture, >= verify_side px)
+    # and the picture disagree by at most
     # `max_difference` at every pixel after alignment (likeness.difference: grey levels weighed up to 3x
     # where the local contrast is low, OKLab colour, and the faint-print residual, each in grey-level
     # units). Measured by bench/perceptual_pairs.py (907 text pairs, 114 colour, faint-print and shelf
@@ -29,7 +30,9 @@ class CacheSettings:
     # >= 71.3 (docs/gateway.md has the rates per family). verify=False is the old rule (hash only,
     # max_distance 10), which served other labels' answers: it is there to measure, not to run.
     verify: bool = True
-    verify_side: int = 512  # px, the thumbnail's long side: grey 256 KiB + colour 128 KiB before zlib
+    # px, the thumbnail's smallest long side; it is the model's view of the picture up to 1024 px
+    # (likeness.check_side), and a picture the model sees at more than 1280 px is cached exactly only
+    verify_side: int = 512
     max_difference: float = 47.0
     # Sampled answers (temperature > 0, no seed - the serving defaults) are cached too: a stored draw is
     # as good an answer as a new one, and a platform asks the same photo and question again and again.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 from shelfsight.errors import ShelfsightError, Unavailable
-from shelfsight.model.imaging import ImageLimits
+from shelfsight.model.imaging import ImageLimits, PixelBounds
 from shelfsight.params import GenerationParams, Limits
 from shelfsight.serving import contract
 from shelfsight.serving.pipeline import PipelineClient
@@ -40,12 +40,13 @@ class ModelInfo:
     generation: GenerationParams
     limits: Limits
     image_limits: ImageLimits
+    pixels: PixelBounds = PixelBounds()  # the resize bounds: how finely the model sees a picture
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelInfo":
         return cls(model_id=d["model_id"], scheme=d.get("scheme", ""),
                    generation=GenerationParams(**d["generation"]), limits=Limits(**d["limits"]),
-                   image_limits=ImageLimits(**d["image_limits"]))
+                   image_limits=ImageLimits(**d["image_limits"]), pixels=PixelBounds(**d.get("pixels", {})))
 
 
 @functools.cache

@@ -374,6 +374,20 @@ def test_health_and_reflection(gateway):
     assert {"shelfsight.v1.ProductVision", "grpc.health.v1.Health"} <= services
 
 
+def test_a_status_a_handler_sets_itself_is_counted_as_that_status(gateway):
+    """Health's Check of an unknown service is NOT_FOUND for the caller, and in the metrics: counted
+    as INTERNAL, every probe of a wrong name would have set off an error-rate alert."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    before = metric(gateway, "shelfsight_requests_total", face="grpc", method="Check", status="NOT_FOUND")
+    with grpc.insecure_channel(target(gateway)) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert metric(gateway, "shelfsight_requests_total", face="grpc", method="Check", status="NOT_FOUND") == before + 1
+    assert metric(gateway, "shelfsight_requests_total", face="grpc", method="Check", status="INTERNAL") == 0
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(triton):
     with running_gateway(triton.grpc_url) as gw:
         async def scenario():

@@ -126,7 +126,7 @@ def test_stop_sequences(client, model):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools are not supported"),
     (dict(presence_penalty=0.5), 400, "presence_penalty is not supported (use repetition_penalty)"),
     (dict(model="gpt-4o"), 404, "the model 'gpt-4o' does not exist here"),
-    (dict(max_tokens=0), 400, "max_new_tokens must be between 1 and 2048, got 0"),
+    (dict(max_tokens=0), 400, "max_tokens must be between 1 and 2048, got 0"),
     (dict(temperature=7), 400, "temperature must be between 0 and 2"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}]),
      400, "remote URLs are not fetched by this gateway (it was started without --allow-image-urls)"),
@@ -203,3 +203,75 @@ def test_unavailable_is_503(triton):
         assert r.status_code == 503 and r.headers.get("retry-after") == "1"
         assert "no model server is ready" in r.json()["error"]["message"]
         assert httpx.get(f"http://127.0.0.1:{gw.http_port}/health").status_code == 503
+
+
+def chat_body(model, **extra) -> dict:
+    return {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]} | extra
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    (dict(max_tokens=0), "max_tokens", "max_tokens must be between 1 and 2048, got 0"),
+    (dict(max_tokens=None, max_completion_tokens=0), "max_completion_tokens", "max_completion_tokens must be between"),
+    (dict(cache="bogus"), "cache", "cache 'bogus' is not one of use, skip, refresh"),
+    (dict(top_p=0), "top_p", "top_p"),
+    (dict(max_tokens=True), "max_tokens", "max_tokens: Input should be a valid integer"),
+    (dict(max_tokens="5"), "max_tokens", "max_tokens: Input should be a valid integer"),
+    (dict(stream="yes"), "stream", "stream: Input should be a valid boolean"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}]),
+     "messages[0].content[0].text", "messages[0].content[0].text: Input should be a valid string"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AA"}]}]),
+     "messages[0].content[0].image_url", "messages[0].content[0].image_url: Input should be an object"),
+    (dict(messages=[{"role": "user", "content": [{"text": "hi"}]}]),
+     "messages[0].content[0]", "a content part needs a type: text or image_url"),
+])
+def test_refusals_speak_this_apis_field_names(base, model, extra, param, message):
+    """The shared checks name the core's fields (max_new_tokens, cache_policy): the HTTP face says the
+    ones the client sent, in `message` and `param`, and a malformed part is that part's error."""
+    r = httpx.post(f"{base}/v1/chat/completions", json=chat_body(model, **extra), timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and message in error["message"] and error["param"] == param, error
+    assert "max_new_tokens" not in error["message"] and "cache_policy" not in error["message"]
+
+
+def test_a_stream_the_model_side_refuses_is_a_400_and_counted_so(base, model, gateway):
+    """A prompt too long for the model is found by preprocess, after the request was accepted: the
+    stream waits for its first text before its 200, so the refusal keeps its status (and its count)."""
+    before = metric(gateway, "shelfsight_requests_total", face="http", method="/v1/chat/completions", status="400")
+    long = chat_body(model, stream=True, messages=[{"role": "user", "content": "\U0001F9EA" * 4000}])
+    del long["max_tokens"]
+    r = httpx.post(f"{base}/v1/chat/completions", json=long, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages", error
+    assert "max_tokens (the default)" in error["message"] and "the model length is" in error["message"]
+    assert metric(gateway, "shelfsight_requests_total", face="http", method="/v1/chat/completions",
+                  status="400") == before + 1
+
+
+def test_a_stream_the_client_leaves_is_counted_as_499(base, model, gateway):
+    import time
+
+    label = dict(face="http", method="/v1/chat/completions", status="499")
+    before = metric(gateway, "shelfsight_requests_total", **label)
+    body = chat_body(model, stream=True, max_tokens=300, temperature=1.0, cache="skip")
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_bytes())  # the first events, then away
+    deadline = time.time() + 20
+    while metric(gateway, "shelfsight_requests_total", **label) == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert metric(gateway, "shelfsight_requests_total", **label) == before + 1
+
+
+def test_models_retrieve_head_health_and_a_proxys_request_id(client, base, model):
+    assert client.models.retrieve(model).id == model
+    assert client.models.retrieve(model.split("@")[0]).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    assert httpx.head(f"{base}/health").status_code == 200
+    wrong = httpx.get(f"{base}/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+    # a header a proxy added in another form is left out (a new id is made), never a 400
+    r = httpx.post(f"{base}/v1/chat/completions", json=chat_body(model), headers={"x-request-id": "a b " * 40 + "z"})
+    assert r.status_code == 200 and r.headers["x-request-id"] and " " not in r.headers["x-request-id"]
+    kept = httpx.post(f"{base}/v1/chat/completions", json=chat_body(model), headers={"x-request-id": "trace-7"})
+    assert kept.headers["x-request-id"] == "trace-7"

@@ -309,3 +309,116 @@ def test_faint_print_that_changed_is_a_miss(size, bg, ink, a, b, px, where, font
     for name in COPIES:
         assert asyncio.run(served(memory_cache(), pp.jpeg(first), pp.variant(first, **pp.VARIANTS[name]))) == \
             "perceptual", name
+
+
+# ---- large photos: the check sees a picture as finely as the model does ----
+
+def large_pair(side: int, model_px: int, texts=("PRICE $1.99", "PRICE $7.49"), seed=5):
+    """A render enlarged to a phone photo's size with a black-on-white price tag whose print is
+    `model_px` px in the model's view (~1024 px a side at the default max_pixels)."""
+    import random
+
+    from PIL import Image
+
+    from shelfsight import synth
+
+    px = round(model_px * side / 1024)
+    backdrop = synth.render(synth.make_product(random.Random(seed)), seed=seed).resize((side, side), Image.BICUBIC)
+    return [pf.faint_label((side, side), (255, 255, 255), (0, 0, 0), t, px, (side // 3, side // 8),
+                           "DejaVuSans.ttf", backdrop) for t in texts]
+
+
+@pytest.mark.parametrize("side,model_px", [(1600, 10), (3000, 12)])
+def test_small_print_on_a_large_photo_is_a_miss(side, model_px):
+    """A 3000 px photo is seen by the model at 1024 px: its 12 px print was 6 px in the 512 px check of
+    before, and "$7.49" got "$1.99"'s answer. The check is made at the model's view now."""
+    a, b = large_pair(side, model_px)
+    assert asyncio.run(served(memory_cache(), pp.jpeg(a), pp.jpeg(b))) is None
+    copy = pp.variant(a, quality=80, scale=0.9, crop=(0.005, 0, 0, 0))
+    assert asyncio.run(served(memory_cache(), pp.jpeg(a), copy)) == "perceptual"
+    picture = likeness.decode_picture(pp.jpeg(a))
+    assert picture.info["source"] == (side, side) and max(picture.size) >= likeness.KEEP_SIDE
+    view = likeness.view_side(side, side, cache.PixelBounds.max_pixels)
+    assert view == 1024 and likeness.check_side(view, CacheSettings().verify_side) == 1024
+
+
+def _stored_with(rc, image: bytes, thumb_side: int, key):
+    """Put an answer for `image` in rc's store with a thumbnail made at `thumb_side` (as a gateway with
+    another rule would have stored it in a shared Redis)."""
+    picture = likeness.decode_picture(image)
+    sig = likeness.signature_of(picture, rc.settings.phash_bits)
+    thumb = likeness.thumbnail(picture, thumb_side).encode()
+    answer = cache.CachedAnswer("stored", "m@1", 1, 1, "stop", time.time())
+    return rc.store.put(key.exact, key.context, sig, answer.encode(), 60.0, thumb)
+
+
+def test_a_thumbnail_coarser_than_the_models_view_never_vouches():
+    a, _ = large_pair(1600, 12)
+    copy = pp.variant(a, quality=85)
+    ask = lambda image: cache.make_key((image,), Conversation.ask("Price?"), {"temperature": 0.0}, "m@1", False)  # noqa: E731
+
+    async def scenario(side):
+        rc = memory_cache()
+        await _stored_with(rc, pp.jpeg(a), side, ask(pp.jpeg(a)))
+        found = await rc.lookup(cache.Probe(ask(copy)), copy, lambda *_: None)
+        return found[1] if found else None
+    assert asyncio.run(scenario(512)) is None  # an older gateway's thumbnail: too coarse for a 1024 px view
+    assert asyncio.run(scenario(1024)) == "perceptual"
+
+
+def test_a_model_that_sees_finer_than_any_check_caches_exactly_only():
+    """Served with max_pixels of 16 M (the real checkpoint's own bound), a 3000 px photo is seen at
+    3000 px: no <= 1024 px thumbnail can vouch for it, so only the exact level answers."""
+    a, _ = large_pair(3000, 12)
+    first, copy = pp.jpeg(a), pp.variant(a, quality=85)
+    ask = lambda image: cache.make_key((image,), Conversation.ask("Price?"), {"temperature": 0.0}, "m@1", False)  # noqa: E731
+
+    async def scenario(max_pixels):
+        rc, out = memory_cache(), []
+        probe = cache.Probe(ask(first), max_pixels=max_pixels)
+        assert await rc.lookup(probe, first, lambda *_: None) is None
+        await rc.put(probe, first, cache.CachedAnswer("stored", "m@1", 1, 1, "stop", time.time()))
+        for image in (copy, first):
+            found = await rc.lookup(cache.Probe(ask(image), max_pixels=max_pixels), image, lambda *_: None)
+            out.append(found[1] if found else None)
+        return out
+    assert asyncio.run(scenario(16 << 20)) == [None, "exact"]
+    assert asyncio.run(scenario(cache.PixelBounds.max_pixels)) == ["perceptual", "exact"]
+
+
+def test_the_models_pixel_bounds_reach_the_gateway():
+    from shelfsight.gateway.upstream import ModelInfo
+
+    served_doc = {"model_id": "m@1", "generation": {}, "limits": {}, "image_limits": {},
+                  "pixels": {"min_pixels": 4096, "max_pixels": 4 << 20}}
+    assert ModelInfo.from_dict(served_doc).pixels.max_pixels == 4 << 20
+    del served_doc["pixels"]  # a repository exported before the bounds were public: the defaults
+    assert ModelInfo.from_dict(served_doc).pixels == cache.PixelBounds()
+
+
+def test_gateway_misses_small_print_on_a_large_photo(gateway):
+    """Through a real gateway and tritonserver: the other price is asked of the model, a copy is not."""
+    from shelfsight.client import ShelfsightClient
+    from tests.test_gateway import GREEDY, target
+
+    a, b = large_pair(2400, 12)
+    q = "What is the price?"
+    with ShelfsightClient(target(gateway)) as c:
+        first, second = c.recognize(pp.jpeg(a), q, **GREEDY), c.recognize(pp.jpeg(b), q, **GREEDY)
+        copy = c.recognize(pp.variant(a, quality=80, scale=0.9), q, **GREEDY)
+    assert [first.cache_status, second.cache_status, copy.cache_status] == ["miss", "miss", "perceptual"]
+
+
+def test_a_large_jpeg_is_decoded_as_finely_as_the_check_needs_and_budgeted_for_it():
+    """Drafted at the coarsest DCT scale that keeps its long side >= KEEP_SIDE (4000 px: 1/2, 2000 px),
+    and the pixel budget counts what that decode holds."""
+    from PIL import Image
+
+    from shelfsight.model import imaging
+
+    for size, scale in (((4000, 3000), 2), ((9000, 600), 8), ((1500, 1100), 1)):
+        jpeg = pp.jpeg(Image.new("RGB", size, (120, 90, 60)))
+        picture = likeness.decode_picture(jpeg)
+        encoded = imaging.check_encoded(jpeg, imaging.ImageLimits())
+        assert likeness.decoded_pixels(encoded) == -(-size[0] // scale) * -(-size[1] // scale)
+        assert picture.info["source"] == size and likeness.KEEP_SIDE <= max(picture.size) < 2 * likeness.KEEP_SIDE

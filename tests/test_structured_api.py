@@ -110,3 +110,17 @@ def test_formats_the_engine_cannot_take_are_invalid_argument(gateway):
         short = c.recognize(photo(660), "q", response_format=formats.PRODUCT, max_new_tokens=3, temperature=0.0,
                             cache="skip")
     assert short.finish_reason == "length"  # the budget ran out first: said, never silently invalid JSON
+
+
+@pytest.mark.parametrize("flag, why", [("--regex", "non-empty pattern"), ("--choice", "the choice list is empty")])
+def test_an_empty_regex_or_choice_is_refused_not_dropped(flag, why):
+    """An empty --regex '' was tested for truthiness and dropped: the answer came back as free text."""
+    import argparse
+
+    from shelfsight.client import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_generation_flags(p)
+    with pytest.raises(errors.InvalidArgument, match=why):
+        cli.response_format(p.parse_args([flag, ""]))
+    assert cli.response_format(p.parse_args([])) is None
