@@ -35,6 +35,7 @@ from shelfsight.gateway.replicas import Replicas
 from shelfsight.gateway.settings import GatewaySettings
 from shelfsight.gateway.upstream import Upstream
 from shelfsight.gateway.validate import Ask, Checked, request_id, validate
+from shelfsight.model.imaging import PixelBounds
 from shelfsight.serving.pipeline import Answer, Delta
 
 logger = logging.getLogger("shelfsight.gateway")
@@ -151,8 +152,10 @@ class Answers:
     def _on_lookup(self, level: str, hit: bool) -> None:
         self.metrics.cache_lookups.labels(level, "hit" if hit else "miss").inc()
 
-    def _key(self, c: Checked, model_id: str):
+    def _key(self, c: Checked, model_id: str, pixels: PixelBounds = PixelBounds()):
         extra = {}
+        if pixels != PixelBounds():  # the same checkpoint served with other resize bounds sees otherwise
+            extra["pixels"] = [pixels.min_pixels, pixels.max_pixels]
         if self.settings.cache_scope == "client":  # every entry (and every shared call) is one client's
             extra["client"] = CLIENT.get()
         if c.stop:
@@ -163,17 +166,18 @@ class Answers:
 
     async def _resolve(self, c: Checked, remaining: float | None):
         """-> ("cached", CachedAnswer, status) or ("flight", Flight, status)."""
-        model_id = self.upstream.model().model_id
+        info = self.upstream.model()
+        model_id = info.model_id
         probe = None
         if self._cacheable(c):
-            key = functools.partial(self._key, c, model_id)
+            key = functools.partial(self._key, c, model_id, info.pixels)
             # hashing 20 MB takes ~15 ms: not on the event loop, where every other call waits for it
             key = await asyncio.to_thread(key) if sum(map(len, c.pictures)) > HASH_ON_LOOP else key()
             # The perceptual level compares one picture against one stored picture: it applies to a request
             # with exactly one picture (whatever its turns: they are in the key's context, exactly).
             one = c.image is not None
             probe = Probe(key, encoded=c.encoded[0] if one else None, perceptual=one,
-                          max_pixels=self.upstream.model().pixels.max_pixels)
+                          max_pixels=info.pixels.max_pixels)
             if c.policy == "use":
                 hit = await self.cache.lookup(probe, c.image, self._on_lookup)
                 if hit is not None:

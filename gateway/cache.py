@@ -353,6 +353,9 @@ class ResultCache:
             return CachedAnswer.decode(raw), "exact"
         if not (self.settings.perceptual and probe.perceptual) or not getattr(self.store, "up", True):
             return None  # (a shared store that is down has no candidates: decoding would be wasted)
+        if not self._checkable(probe):  # seen by the model more finely than a check can: exact only
+            on_result("perceptual", False)
+            return None
         try:
             await self._decode(probe, image)
         except Exception:  # a picture Pillow cannot read has no neighbours; Triton will say why
@@ -378,6 +381,12 @@ class ResultCache:
         await self._run(self._keep_thumbnail, probe)
         return None
 
+    @staticmethod
+    def _checkable(probe: Probe) -> bool:
+        """From the header alone where there is one (no decode is spent on a picture that cannot be
+        checked); else after decoding (`_examine` leaves such a picture without a signature)."""
+        return not probe.encoded or checkable(view_side(probe.encoded.width, probe.encoded.height, probe.max_pixels))
+
     async def _same_picture(self, probe: Probe, exact: str) -> bool:
         raw = await self.store.thumbnail(exact)
         if raw is None:  # stored without one (verification was off): cannot be vouched for
@@ -393,7 +402,7 @@ class ResultCache:
             return False
 
     async def put(self, probe: Probe, image: bytes, answer: CachedAnswer) -> None:
-        if self.settings.perceptual and probe.perceptual and getattr(self.store, "up", True):
+        if self.settings.perceptual and probe.perceptual and getattr(self.store, "up", True) and self._checkable(probe):
             try:
                 if not probe.view:  # not looked up (REFRESH): decode now
                     await self._decode(probe, image)

@@ -6,7 +6,7 @@ replicas, limits and metrics are the cores', shared with the gRPC face.
     POST /v1/chat/completions   text, pictures (data: URLs; http(s) with --allow-image-urls), several
                                 turns; streamed (SSE) or whole; response_format; stop; vendor extras
     POST /v1/embeddings         when an embedding model is served: texts, or one turn of image and text parts
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /v1/models/{id}, GET or HEAD /health
 
 No request can hold the event loop: bodies are bounded (413 beyond MAX_BODY), and a large body's JSON,
 its pydantic model and its base64 pictures are parsed on a worker thread. Errors are OpenAI's error
@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shelfsight import formats
 from shelfsight.conversation import ASSISTANT, PICTURE, SYSTEM, USER, Conversation, Turn
@@ -255,11 +256,12 @@ def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, 
             a = await stack.enter_async_context(answers.answer(c, None, t0))
             pieces = a.pieces()
             first = await until_disconnected(request, anext(pieces, None))
+            return ClosingStream(stack, stream(a, pieces, first, cid, created, model, r),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "x-request-id": c.request_id})
         except BaseException:
             await stack.aclose()
             raise
-        return ClosingStream(stack, stream(a, pieces, first, cid, created, model, r), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "x-request-id": c.request_id})
 
     async def stream(a, pieces, first: str | None, cid: str, created: int, model: str, r: oa.ChatCompletionRequest):
         def event(doc: dict) -> bytes:
@@ -279,8 +281,9 @@ def build_app(answers: Answers, search: SearchService, metrics: GatewayMetrics, 
             log["http_status"] = STATUS.get(e.code, 500)  # counted with the status it deserved
             yield event(oa.error(STATUS.get(e.code, 500), e.message, code=e.code.lower()))
         except (asyncio.CancelledError, GeneratorExit):
-            log["http_status"] = 499  # the client left mid-stream
+            log.setdefault("http_status", 499)  # the client left mid-stream
             raise
+        log["stream_done"] = True
         yield b"data: [DONE]\n\n"
 
     @app.post("/v1/embeddings")
@@ -387,17 +390,28 @@ class ClosingStream(StreamingResponse):
         self.stack = stack
 
     async def __call__(self, scope, receive, send):
+        log = CALL_LOG.get({})
         try:
             await super().__call__(scope, receive, send)
-        except BaseException:
-            CALL_LOG.get({}).setdefault("http_status", 499)  # the client went away while it was sent
+        except (OSError, ClientDisconnect, asyncio.CancelledError):
+            log.setdefault("http_status", 499)  # the client went away while it was sent
+            raise
+        except Exception:
+            log.setdefault("http_status", 500)  # ours: counted where error alerts look
             raise
         finally:
-            await self.stack.aclose()
+            try:
+                # A client that leaves while a send waits can end the response without closing the body
+                # (Starlette's task group takes the cancellation): close it now, so that it ends here.
+                await self.body_iterator.aclose()
+                if not log.pop("stream_done", False):
+                    log.setdefault("http_status", 499)
+            finally:
+                await self.stack.aclose()
 
 
 RENAMED = {"max_new_tokens": "max_tokens", "cache_policy": "cache"}  # the core's names -> this API's
-PARAM_OF = (("picture", "messages"), ("the prompt", "messages"), ("response format", "response_format"),
+PARAM_OF = (("picture", "messages"), ("image", "messages"), ("the prompt", "messages"), ("response format", "response_format"),
             ("schema", "response_format"), ("regex", "response_format"), ("stop", "stop"))
 
 
@@ -410,7 +424,7 @@ def in_openai_terms(e: InvalidArgument, r: oa.ChatCompletionRequest) -> HTTPErro
     if r.max_tokens is None and r.max_completion_tokens is None:
         tokens += " (the default)"
     message = re.sub(r"\bmax_new_tokens\b", tokens, message)
-    message = re.sub(r"\bcache_policy (\S+) is not one of .*", lambda m: f"cache {m[1].lower()!r} is not one of "
+    message = re.sub(r"\bcache_policy (\S+) is not one of .*", lambda m: f"cache {r.cache!r} is not one of "
                      "use, skip, refresh", message)
     head = re.match(r"[a-z_]+(\[\d+\])?", message)
     field = head[0].split("[")[0] if head else ""
@@ -449,6 +463,9 @@ async def until_disconnected(request: Request, work):
     watcher = asyncio.ensure_future(gone())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the request itself cancelled (a shutdown past its grace): the work goes too
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():

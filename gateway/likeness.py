@@ -91,7 +91,11 @@ def decode_picture(image: bytes, max_pixels: int | None = None):
         # PNG). What is kept while the model answers is the thumbnail alone.
         factor = max(im.size) // KEEP_SIDE
         small = im.reduce(factor) if factor > 1 and im.mode in ("RGB", "L", "RGBA", "LA") else im
-        upright = ImageOps.exif_transpose(to_rgb(small))
+        try:  # turned upright before to_rgb, which drops the EXIF of RGBA, palette and 16-bit pictures
+            small = ImageOps.exif_transpose(small)  # (as the model's decode does: imaging.decode)
+        except Exception:  # a broken EXIF block must not cost the picture
+            pass
+        upright = to_rgb(small)
     if max(upright.size) >= 2 * KEEP_SIDE:  # a mode reduce() does not take (palette, 16-bit): converted first
         upright = upright.reduce(max(upright.size) // KEEP_SIDE)
     upright.info["source"] = source
@@ -140,9 +144,9 @@ def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> tu
 
 # ---- verification: does the candidate show what the query shows, everywhere? ----
 # A hash summarises the whole picture, so a changed price moves it by a bit or two. The check compares
-# thumbnails at up to 512 px a side (a 640 px photo is seen by the model at 640: a 24 px digit is
-# still ~19 px here), after undoing up to 2% of scale and shift per axis (crops of <= 1%, resizes),
-# and takes the *worst pixel*, not a mean: a changed digit or a recoloured cap changes a small region
+# thumbnails at the model's view of the picture (check_side: 512-1024 px; the constants below were
+# first tuned at 512 and measured again at the model's view by bench/perceptual_pairs.py), after
+# undoing up to 2% of scale and shift per axis (crops of <= 1%, resizes), and takes the *worst pixel*, not a mean: a changed digit or a recoloured cap changes a small region
 # strongly. Three planes are compared: grey (luma: where print is) and OKLab's a and b (colour at
 # the same grey level: a lipstick shade, a cap, a logo, the other SKU of the same photo).
 BLUR = 0.6  # px, both sides: a copy resized to 80% and the original reach 512 px through different
@@ -167,7 +171,7 @@ MAGIC = b"SL3"  # grey + half-size a, b; anything else (the old grey-only ones) 
 
 @dataclass(frozen=True)
 class Thumbnail:
-    grey: np.ndarray  # (h, w) uint8, long side = the settings' verify_side, blurred by BLUR
+    grey: np.ndarray  # (h, w) uint8, long side = check_side (or the picture's own, when smaller), blurred by BLUR
     chroma: np.ndarray  # (2, h2, w2) uint8: OKLab a, b x CHROMA_SCALE + 128 on the half grid
 
     def encode(self) -> bytes:

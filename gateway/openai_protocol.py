@@ -48,7 +48,9 @@ def _part_kind(part) -> str | None:
     """Which model a content part is read as, by its type: a malformed text or image_url part is then
     reported as that part's error ("text: Input should be a valid string"), not as an unknown type."""
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return None if kind is None else {"text": "text-part", "image_url": "image-part"}.get(kind, "other-part")
+    if not isinstance(kind, str):  # (a list or an object: OtherPart's type says it must be a string)
+        return None if kind is None else "other-part"
+    return {"text": "text-part", "image_url": "image-part"}.get(kind, "other-part")
 
 
 PART_TAGS = ("text-part", "image-part", "other-part")  # (the HTTP face leaves them out of error locations)

@@ -19,7 +19,7 @@ from shelfsight.model import imaging
 from shelfsight.model.imaging import ImageLimits
 from shelfsight.params import GenerationParams, Limits
 
-REQUEST_ID = re.compile(r"[\w.:/+=@-]{1,128}")  # fullmatch: "$" would let a trailing newline into the log
+REQUEST_ID = re.compile(r"[\w.:/+=@-]{1,128}", re.ASCII)  # fullmatch: "$" would let a trailing newline into the log
 POLICIES = ("use", "skip", "refresh")  # what a request may ask of the cache
 
 

@@ -223,6 +223,11 @@ def chat_body(model, **extra) -> dict:
      "messages[0].content[0].image_url", "messages[0].content[0].image_url: Input should be an object"),
     (dict(messages=[{"role": "user", "content": [{"text": "hi"}]}]),
      "messages[0].content[0]", "a content part needs a type: text or image_url"),
+    (dict(messages=[{"role": "user", "content": [{"type": ["text"], "text": "hi"}]}]),
+     "messages[0].content[0].type", "messages[0].content[0].type: Input should be a valid string"),
+    (dict(cache="USE"), "cache", "cache 'USE' is not one of use, skip, refresh"),
+    (dict(request_id="\u65e5\u672c"), "request_id", "request_id must be 1-128 characters"),
+    (dict(request_id="\u65e5\u672c", stream=True), "request_id", "request_id must be 1-128 characters"),
 ])
 def test_refusals_speak_this_apis_field_names(base, model, extra, param, message):
     """The shared checks name the core's fields (max_new_tokens, cache_policy): the HTTP face says the

@@ -422,3 +422,54 @@ def test_a_large_jpeg_is_decoded_as_finely_as_the_check_needs_and_budgeted_for_i
         encoded = imaging.check_encoded(jpeg, imaging.ImageLimits())
         assert likeness.decoded_pixels(encoded) == -(-size[0] // scale) * -(-size[1] // scale)
         assert picture.info["source"] == size and likeness.KEEP_SIDE <= max(picture.size) < 2 * likeness.KEEP_SIDE
+
+
+def test_exif_orientation_turns_every_mode_as_the_models_decode_does():
+    """An RGBA (or palette, or 16-bit) picture lost its EXIF in to_rgb before it was turned: the cache
+    compared it unturned while the model saw it turned."""
+    import io
+
+    from PIL import Image
+
+    from shelfsight.model import imaging
+
+    for mode in ("RGB", "RGBA"):
+        im = Image.new(mode, (600, 300), (200, 30, 30) + ((255,) if mode == "RGBA" else ()))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotated 90 degrees clockwise
+        buf = io.BytesIO()
+        im.save(buf, "PNG", exif=exif.tobytes())
+        seen = imaging.decode(buf.getvalue(), imaging.ImageLimits())
+        assert likeness.decode_picture(buf.getvalue()).size == seen.size == (300, 600), mode
+
+
+def test_a_picture_that_cannot_be_checked_is_not_even_decoded():
+    """With the header at hand (as the gateway has it), a picture the model sees past 1280 px skips the
+    perceptual level before any decode."""
+    from shelfsight.model import imaging
+
+    a, _ = large_pair(3000, 12)
+    image = pp.jpeg(a)
+    key = cache.make_key((image,), Conversation.ask("Price?"), {"temperature": 0.0}, "m@1", False)
+    probe = cache.Probe(key, encoded=imaging.check_encoded(image, imaging.ImageLimits()), max_pixels=16 << 20)
+    seen = []
+    assert asyncio.run(memory_cache().lookup(probe, image, lambda *r: seen.append(r))) is None
+    assert seen == [("exact", False), ("perceptual", False)] and probe.view == 0.0 and probe.signature is None
+
+
+def test_other_resize_bounds_are_another_cache_entry():
+    """The same checkpoint served with another max_pixels sees a picture otherwise: never its answers."""
+    from types import SimpleNamespace
+
+    from shelfsight.gateway.answers import Answers
+    from shelfsight.gateway.settings import GatewaySettings
+    from shelfsight.gateway.validate import Ask, validate
+    from shelfsight.model.imaging import ImageLimits
+    from shelfsight.params import GenerationParams, Limits
+
+    a, _ = pp.issue_pair()
+    checked = validate(Ask((a,), Conversation.ask("Price?")), Limits(), ImageLimits(), GenerationParams())
+    core = SimpleNamespace(settings=GatewaySettings())
+    default = Answers._key(core, checked, "m@1")
+    assert Answers._key(core, checked, "m@1", cache.PixelBounds()) == default
+    assert Answers._key(core, checked, "m@1", cache.PixelBounds(max_pixels=4 << 20)).exact != default.exact
