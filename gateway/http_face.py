@@ -411,8 +411,9 @@ class ClosingStream(StreamingResponse):
 
 
 RENAMED = {"max_new_tokens": "max_tokens", "cache_policy": "cache"}  # the core's names -> this API's
-PARAM_OF = (("picture", "messages"), ("image", "messages"), ("the prompt", "messages"), ("response format", "response_format"),
-            ("schema", "response_format"), ("regex", "response_format"), ("stop", "stop"))
+PARAM_OF = (("picture", "messages"), ("image", "messages"), ("the prompt", "messages"),
+            ("response format", "response_format"), ("schema", "response_format"), ("regex", "response_format"),
+            ("stop", "stop"))  # (a message's words -> the field it is about, where it names none of them)
 
 
 def in_openai_terms(e: InvalidArgument, r: oa.ChatCompletionRequest) -> HTTPError:

@@ -146,8 +146,8 @@ def near(a: Signature, b: Signature, max_distance: int, max_colour: float) -> tu
 # A hash summarises the whole picture, so a changed price moves it by a bit or two. The check compares
 # thumbnails at the model's view of the picture (check_side: 512-1024 px; the constants below were
 # first tuned at 512 and measured again at the model's view by bench/perceptual_pairs.py), after
-# undoing up to 2% of scale and shift per axis (crops of <= 1%, resizes), and takes the *worst pixel*, not a mean: a changed digit or a recoloured cap changes a small region
-# strongly. Three planes are compared: grey (luma: where print is) and OKLab's a and b (colour at
+# undoing up to 2% of scale and shift per axis (crops of <= 1%, resizes), and takes the *worst pixel*,
+# not a mean: a changed digit or a recoloured cap changes a small region strongly. Three planes are compared: grey (luma: where print is) and OKLab's a and b (colour at
 # the same grey level: a lipstick shade, a cap, a logo, the other SKU of the same photo).
 BLUR = 0.6  # px, both sides: a copy resized to 80% and the original reach 512 px through different
             # filters; the blur evens that out (copies' worst pixel 26 -> 20) and keeps glyph changes (>= 31)
