@@ -83,11 +83,10 @@ def requests(pre, n: int):
     return out
 
 
-def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
-    """Closed loop: `concurrency` requests in flight until all `inputs` are answered."""
-    p = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
-    todo = list(inputs)
-    sinks, lock, all_done = [], threading.Lock(), threading.Event()
+def closed_loop(engine, inputs, concurrency: int, request_of, what: str = "engine bench") -> tuple[list, float]:
+    """`concurrency` requests in flight until all `inputs` are answered: request_of(i, x, sink) is the
+    engine Request of input i. -> (the Timed sinks in submission order, wall seconds); a failure ends it."""
+    todo, sinks, lock, all_done = list(enumerate(inputs)), [], threading.Lock(), threading.Event()
 
     def submit_next():
         with lock:
@@ -95,21 +94,29 @@ def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
                 if all(s.done.is_set() for s in sinks):
                     all_done.set()
                 return
-            x = todo.pop(0)
+            i, x = todo.pop(0)
             s = Timed(on_done=submit_next)
             sinks.append(s)
-        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels),
-                              torch.from_numpy(x.image_grid_thw), (f"bench-{time.perf_counter()}",), p, s))
+        engine.submit(request_of(i, x, s))
 
     t0 = time.perf_counter()
     for _ in range(min(concurrency, len(inputs))):
         submit_next()
     if not all_done.wait(1800):
-        raise SystemExit("engine bench timed out")
+        raise SystemExit(f"{what} timed out")
     wall = time.perf_counter() - t0
     failed = [s.error for s in sinks if s.error]
     if failed:
         raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
+    return sinks, wall
+
+
+def run_engine(engine, inputs, concurrency: int, new_tokens: int) -> dict:
+    """Closed loop: `concurrency` requests in flight until all `inputs` are answered."""
+    p = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+    sinks, wall = closed_loop(engine, inputs, concurrency, lambda i, x, s: Request(
+        torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels), torch.from_numpy(x.image_grid_thw),
+        (f"bench-{time.perf_counter()}",), p, s))
     return {"wall_s": wall, "requests": len(sinks), "tokens": sum(s.tokens for s in sinks),
             "ttft_ms": 1000 * statistics.median(s.first - s.t0 for s in sinks),
             "ttft_p90_ms": 1000 * p90([s.first - s.t0 for s in sinks]),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import Timed, build_model, make_engine, requests  # noqa: E402
+from bench.engine import build_model, closed_loop, make_engine, requests  # noqa: E402
 from shelfsight import params  # noqa: E402
 from shelfsight.engine import Request, sampling  # noqa: E402
 from shelfsight.engine.batch import Row  # noqa: E402
@@ -46,31 +45,14 @@ LONG = parse("json_schema", {"type": "object", "additionalProperties": False, "r
 
 def run(engine, inputs, concurrency: int, new_tokens: int, constrained: bool) -> dict:
     """Closed loop: `concurrency` requests in flight until all `inputs` are answered."""
-    todo, sinks, lock, all_done = list(enumerate(inputs)), [], threading.Lock(), threading.Event()
-
-    def submit_next():
-        with lock:
-            if not todo:
-                if all(s.done.is_set() for s in sinks):
-                    all_done.set()
-                return
-            i, x = todo.pop(0)
-            s = Timed(on_done=submit_next)
-            sinks.append(s)
+    def request_of(i, x, sink):
         p = GenerationParams(max_new_tokens=new_tokens, seed=i, ignore_eos=not constrained)
-        engine.submit(Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels),
-                              torch.from_numpy(x.image_grid_thw), (f"bench-{time.perf_counter()}",), p, s,
-                              response_format=LONG if constrained else None))
+        return Request(torch.from_numpy(x.input_ids), torch.from_numpy(x.pixels), torch.from_numpy(x.image_grid_thw),
+                       (f"bench-{time.perf_counter()}",), p, sink, response_format=LONG if constrained else None)
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    for _ in range(min(concurrency, len(inputs))):
-        submit_next()
-    if not all_done.wait(1800):
-        raise SystemExit("structured bench timed out")
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    failed = [s.error for s in sinks if s.error]
-    if failed:
-        raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
+    cpu0 = time.process_time()
+    sinks, wall = closed_loop(engine, inputs, concurrency, request_of, "structured bench")
+    cpu = time.process_time() - cpu0
     tokens = sum(s.tokens for s in sinks)
     if tokens != len(sinks) * new_tokens:
         raise SystemExit(f"expected {new_tokens} tokens a request, got {tokens / len(sinks):.1f} on average")

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from shelfsight import errors
 from shelfsight.client.client import AsyncShelfsightClient
@@ -47,12 +48,13 @@ def describe_unsupported(names: list[str], shown: int = 10) -> str:
             f"(not {'/'.join(IMAGE_SUFFIXES)}): {listed}")
 
 
-def answered(out: Path, question: str) -> set[str]:
-    """Images already answered for `question`; a torn last line (crash mid-write) is cut off."""
-    if not out.exists():
-        return set()
-    done, good_bytes = set(), 0
-    with open(out, "rb") as f:
+def journal(path: Path) -> Iterator[dict]:
+    """The rows of a JSONL journal in order; a torn last line (a crash mid-write) is cut off the file
+    once the rows are read, so that the next append starts on a line of its own."""
+    if not path.exists():
+        return
+    good_bytes = 0
+    with open(path, "rb") as f:
         for raw in f:
             try:
                 if not raw.endswith(b"\n"):
@@ -61,12 +63,15 @@ def answered(out: Path, question: str) -> set[str]:
             except ValueError:
                 break
             good_bytes += len(raw)
-            if row.get("question") == question:
-                done.add(row["image"])
-    if good_bytes != out.stat().st_size:
-        with open(out, "r+b") as f:
+            yield row
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
             f.truncate(good_bytes)
-    return done
+
+
+def answered(out: Path, question: str) -> set[str]:
+    """Images already answered for `question` (journal: a torn last line is cut off)."""
+    return {row["image"] for row in journal(out) if row.get("question") == question}
 
 
 def errors_path(out: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 import grpc
 
 from shelfsight import errors
-from shelfsight.protos import pb
+from shelfsight.protos import metadata_value, pb, python_value
 
 POLICIES = {"use": pb.CACHE_POLICY_USE, "skip": pb.CACHE_POLICY_SKIP, "refresh": pb.CACHE_POLICY_REFRESH}
 STATUS = {pb.INDEX_STATUS_INDEXED: "indexed", pb.INDEX_STATUS_UNCHANGED: "unchanged", pb.INDEX_STATUS_FAILED: "failed"}
@@ -75,25 +75,13 @@ class CatalogInfo:
     name: str
 
 
-def _value(x: Any) -> pb.MetadataValue:
-    if isinstance(x, bool):
-        return pb.MetadataValue(flag=x)
-    if isinstance(x, int):
-        return pb.MetadataValue(integer=x)
-    if isinstance(x, float):
-        return pb.MetadataValue(number=x)
-    if isinstance(x, str):
-        return pb.MetadataValue(text=x)
-    raise errors.InvalidArgument(f"metadata values must be str, int, float or bool, got {type(x).__name__}")
-
-
 def _read(image) -> bytes:
     return Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image or b"")
 
 
 def item_message(item: CatalogItem) -> pb.IndexItem:
     return pb.IndexItem(id=item.id, image=_read(item.image), text=item.text,
-                        metadata={k: _value(v) for k, v in item.metadata.items()})
+                        metadata={k: metadata_value(v) for k, v in item.metadata.items()})
 
 
 def search_request(image=None, text: str = "", *, top_k: int = 0, filters: dict | None = None, rerank: int = 0,
@@ -101,7 +89,7 @@ def search_request(image=None, text: str = "", *, top_k: int = 0, filters: dict 
     if cache not in POLICIES:
         raise errors.InvalidArgument(f"cache must be one of {', '.join(POLICIES)}, got {cache!r}")
     return pb.SearchRequest(image=_read(image), text=text, top_k=top_k, rerank=rerank, cache_policy=POLICIES[cache],
-                            filters={k: _value(v) for k, v in (filters or {}).items()}, thumbnails=thumbnails,
+                            filters={k: metadata_value(v) for k, v in (filters or {}).items()}, thumbnails=thumbnails,
                             request_id=request_id)
 
 
@@ -109,7 +97,7 @@ def search_result(m: pb.SearchReply) -> SearchResult:
     hits = [Hit(h.id, h.score, h.vector_score if h.HasField("vector_score") else None,
                 h.text_score if h.HasField("text_score") else None,
                 h.rerank_score if h.HasField("rerank_score") else None, h.text,
-                {k: getattr(v, v.WhichOneof("kind")) for k, v in h.metadata.items() if v.WhichOneof("kind")},
+                {k: python_value(v) for k, v in h.metadata.items() if v.WhichOneof("kind")},
                 h.thumbnail) for h in m.hits]
     return SearchResult(hits, m.model_id, CACHE.get(m.cache_status, "unspecified"), m.timings.total_seconds,
                         m.request_id)
@@ -117,11 +105,6 @@ def search_result(m: pb.SearchReply) -> SearchResult:
 
 def index_result(m: pb.IndexResult) -> IndexResult:
     return IndexResult(m.id, STATUS.get(m.status, "failed"), m.error, m.code)
-
-
-def _error(e: grpc.RpcError) -> errors.ShelfsightError:
-    code = e.code().name if e.code() else "UNKNOWN"
-    return errors.BY_CODE.get(code, errors.Internal)(e.details() or code)
 
 
 class CatalogCalls:
@@ -139,7 +122,7 @@ class CatalogCalls:
             for m in call:
                 yield index_result(m)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
         finally:
             call.cancel()
 
@@ -147,19 +130,19 @@ class CatalogCalls:
         try:
             return search_result(self._catalog().Search(search_request(image, text, **kw), timeout=timeout or self.timeout, metadata=self._metadata))
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
 
     def delete(self, ids: list[str], timeout: float | None = None) -> int:
         try:
             return self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout, metadata=self._metadata).deleted
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
 
     def catalog_info(self, timeout: float | None = None) -> CatalogInfo:
         try:
             m = self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
         return CatalogInfo(m.model_id, m.dimensions, m.items, m.reranker_model_id, m.name)
 
 
@@ -180,7 +163,7 @@ class AsyncCatalogCalls(CatalogCalls):
             async for m in call:
                 yield index_result(m)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
         finally:
             call.cancel()
 
@@ -189,17 +172,17 @@ class AsyncCatalogCalls(CatalogCalls):
             return search_result(await self._catalog().Search(search_request(image, text, **kw),
                                                               timeout=timeout or self.timeout, metadata=self._metadata))
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
 
     async def delete(self, ids: list[str], timeout: float | None = None) -> int:
         try:
             return (await self._catalog().Delete(pb.DeleteRequest(ids=ids), timeout=timeout or self.timeout, metadata=self._metadata)).deleted
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
 
     async def catalog_info(self, timeout: float | None = None) -> CatalogInfo:
         try:
             m = await self._catalog().Info(pb.CatalogInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise errors.from_grpc(e) from None
         return CatalogInfo(m.model_id, m.dimensions, m.items, m.reranker_model_id, m.name)

@@ -98,11 +98,6 @@ def build_request(image, question: str, *, system: str | None = None, cache: str
     return pb.RecognizeRequest(image=_picture(image), question=question, system_prompt=system or "", **common)
 
 
-def to_error(e: grpc.RpcError) -> errors.ShelfsightError:
-    code = e.code().name if e.code() else "UNKNOWN"
-    return errors.BY_CODE.get(code, errors.Internal)(e.details() or code)
-
-
 class _Joiner:
     """Turns RecognizeChunk messages into Chunk objects, joining the text for the final one."""
 
@@ -165,7 +160,7 @@ class ShelfsightClient(CatalogCalls):
         try:
             reply = self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise to_error(e) from None
+            raise errors.from_grpc(e) from None
         return Recognition.from_message(reply)
 
     def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> Iterator[Chunk]:
@@ -175,7 +170,7 @@ class ShelfsightClient(CatalogCalls):
             for m in call:
                 yield join(m)
         except grpc.RpcError as e:
-            raise to_error(e) from None
+            raise errors.from_grpc(e) from None
         finally:
             call.cancel()
 
@@ -186,7 +181,7 @@ class ShelfsightClient(CatalogCalls):
             r = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                                  timeout=5, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise to_error(e) from None
+            raise errors.from_grpc(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     def close(self) -> None:
@@ -211,7 +206,7 @@ class AsyncShelfsightClient(AsyncCatalogCalls):
         try:
             reply = await self._stub.Recognize(build_request(image, question, **kw), timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise to_error(e) from None
+            raise errors.from_grpc(e) from None
         return Recognition.from_message(reply)
 
     async def stream(self, image, question: str, *, timeout: float | None = None, **kw) -> AsyncIterator[Chunk]:
@@ -221,7 +216,7 @@ class AsyncShelfsightClient(AsyncCatalogCalls):
             async for m in call:
                 yield join(m)
         except grpc.RpcError as e:
-            raise to_error(e) from None
+            raise errors.from_grpc(e) from None
         finally:
             call.cancel()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shelfsight import errors
-from shelfsight.client.batch import IMAGE_SUFFIXES, Appender, describe_unsupported, scan
+from shelfsight.client.batch import IMAGE_SUFFIXES, Appender, describe_unsupported, journal, scan
 from shelfsight.client.catalog import CatalogItem
 from shelfsight.client.client import AsyncShelfsightClient
 
@@ -91,24 +91,8 @@ def progress_path(catalog: Path) -> Path:
 
 
 def acknowledged(progress: Path) -> dict[str, str]:
-    """{id: digest} acknowledged by earlier runs (later lines win); a torn last line is cut off."""
-    done, good = {}, 0
-    if not progress.exists():
-        return done
-    with open(progress, "rb") as f:
-        for raw in f:
-            try:
-                if not raw.endswith(b"\n"):
-                    raise ValueError("torn line")
-                row = json.loads(raw)
-            except ValueError:
-                break
-            good += len(raw)
-            done[row["id"]] = row["digest"]
-    if good != progress.stat().st_size:
-        with open(progress, "r+b") as f:
-            f.truncate(good)
-    return done
+    """{id: digest} acknowledged by earlier runs (later lines win; journal: a torn last line is cut off)."""
+    return {row["id"]: row["digest"] for row in journal(progress)}
 
 
 async def run(target: str, catalog: Path, progress: Path | None = None, retries: int = 5,

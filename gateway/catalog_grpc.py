@@ -13,7 +13,7 @@ from shelfsight.gateway.malformed import Malformed
 from shelfsight.gateway.search import IndexEntry, SearchQuery, SearchService
 from shelfsight.gateway.answers import CALL_LOG
 from shelfsight.gateway.validate import request_id
-from shelfsight.protos import pb, pb_grpc
+from shelfsight.protos import metadata_value, pb, pb_grpc, python_value
 
 STATUS = {"indexed": pb.INDEX_STATUS_INDEXED, "unchanged": pb.INDEX_STATUS_UNCHANGED, "failed": pb.INDEX_STATUS_FAILED}
 CACHE = {"miss": pb.CACHE_STATUS_MISS, "exact": pb.CACHE_STATUS_EXACT, "coalesced": pb.CACHE_STATUS_COALESCED}
@@ -21,20 +21,15 @@ POLICY = {pb.CACHE_POLICY_USE: "use", pb.CACHE_POLICY_SKIP: "skip", pb.CACHE_POL
 
 
 def value_of(v: pb.MetadataValue, where: str) -> Any:
-    kind = v.WhichOneof("kind")
-    if kind is None:
+    value = python_value(v)
+    if value is None:
         raise InvalidArgument(f"{where} has no value")
-    return getattr(v, kind)
+    return value
 
 
 def to_value(x: Any) -> pb.MetadataValue:
-    if isinstance(x, bool):
-        return pb.MetadataValue(flag=x)
-    if isinstance(x, int):
-        return pb.MetadataValue(integer=x)
-    if isinstance(x, float):
-        return pb.MetadataValue(number=x)
-    return pb.MetadataValue(text=str(x))
+    """What the catalog stored, as the API carries it: a value of another JSON type as its text."""
+    return metadata_value(x if isinstance(x, (bool, int, float, str)) else str(x))
 
 
 def metadata_of(m, field: str) -> dict[str, Any]:

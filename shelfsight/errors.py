@@ -105,6 +105,12 @@ def from_code(code: str, message: str) -> ShelfsightError:
     return BY_CODE.get(code, Internal)(message)
 
 
+def from_grpc(e) -> ShelfsightError:
+    """A failed gRPC call (grpc.RpcError: its code() and details()) as its typed error."""
+    code = e.code().name if e.code() else "UNKNOWN"
+    return from_code(code, e.details() or code)
+
+
 _CODED = re.compile(r"\b(" + "|".join(BY_CODE) + r"): (.*)", re.S)
 
 

@@ -5,6 +5,8 @@ grpc_tools into shelfsight/v1/ (git-ignored) whenever they are missing or older 
 fresh clone, an edited contract and an installed copy all work without a manual step.
 
     from shelfsight.protos import pb, pb_grpc
+
+and the conversion of catalog metadata values, which both sides of the API make.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import fcntl
 import hashlib
 import importlib
 from pathlib import Path
+from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = PACKAGE_DIR / "proto"
@@ -53,3 +56,24 @@ pb_grpc = importlib.import_module("shelfsight.v1.product_vision_pb2_grpc")
 SERVICE = pb.DESCRIPTOR.services_by_name["ProductVision"].full_name  # "shelfsight.v1.ProductVision"
 CATALOG = pb.DESCRIPTOR.services_by_name["Catalog"].full_name  # "shelfsight.v1.Catalog"
 SERVICES = {SERVICE: "ProductVision", CATALOG: "Catalog"}  # full name -> name in the descriptor
+
+
+def metadata_value(x: Any):
+    """A catalog metadata value (str, int, float or bool: JSON's scalars) as the API carries it."""
+    from shelfsight.errors import InvalidArgument
+
+    if isinstance(x, bool):  # (before int: a bool is an int)
+        return pb.MetadataValue(flag=x)
+    if isinstance(x, int):
+        return pb.MetadataValue(integer=x)
+    if isinstance(x, float):
+        return pb.MetadataValue(number=x)
+    if isinstance(x, str):
+        return pb.MetadataValue(text=x)
+    raise InvalidArgument(f"metadata values must be str, int, float or bool, got {type(x).__name__}")
+
+
+def python_value(v) -> Any:
+    """A MetadataValue's value; None when it holds none."""
+    kind = v.WhichOneof("kind")
+    return None if kind is None else getattr(v, kind)

@@ -38,7 +38,6 @@ def say(msg: str) -> None:
 def write_int4(src: Path, dst: Path, device: str) -> None:
     """src (bf16) -> dst with every decoder linear round-to-nearest 4-bit, group 128, GPTQ-packed
     (quantized on `device`: seconds on a GPU for the 2B shape)."""
-    import torch
     from safetensors.torch import save_file
 
     from shelfsight.export.quantize import copy_side_files
@@ -75,10 +74,10 @@ def stage_checkpoint(args) -> None:
     say(f"int4 (RTN) checkpoint at {int4}")
 
 
-def stage_engine(args) -> None:
+def loaded(args):
+    """(model, tokenizer, preprocessor) of the scheme's checkpoint, on the stage's device and threads."""
     import torch
 
-    from engine import make_engine, requests, run_engine, run_generate
     from shelfsight import params
     from shelfsight.model import imaging
     from shelfsight.model.checkpoint import load_model
@@ -89,7 +88,13 @@ def stage_engine(args) -> None:
     ckpt = args.work / args.scheme
     model = load_model(ckpt, device=args.device, dtype=args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    pre = Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
+    return model, tokenizer, Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
+
+
+def stage_engine(args) -> None:
+    from engine import make_engine, requests, run_engine, run_generate
+
+    model, tokenizer, pre = loaded(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     result = {"scheme": args.scheme, "device": args.device, "dtype": args.dtype, "new_tokens": args.new_tokens,
               "levels": {}}
@@ -131,23 +136,15 @@ def stage_breakdown(args) -> None:
     import torch
 
     from engine import Timed
-    from shelfsight import params, synth
+    from shelfsight import synth
     from shelfsight.engine import EngineConfig, Request
     from shelfsight.engine.batch import Row
     from shelfsight.engine.detokenize import IncrementalDetokenizer
     from shelfsight.engine.prefill import VisionCache, vision
     from shelfsight.engine.runner import SlotRunner
-    from shelfsight.model import imaging
-    from shelfsight.model.checkpoint import load_model
-    from shelfsight.model.preprocessing import PixelPolicy, Preprocessor
     from shelfsight.params import GenerationParams
-    from transformers import AutoTokenizer
 
-    torch.set_num_threads(args.threads)
-    ckpt = args.work / args.scheme
-    model = load_model(ckpt, device=args.device, dtype=args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    pre = Preprocessor(tokenizer, PixelPolicy(), imaging.ImageLimits(), params.Limits())
+    model, tokenizer, pre = loaded(args)
     runner = SlotRunner(model, EngineConfig(max_batch=2, max_model_len=512 + args.new_tokens))
     runner.warm_up()
     dev = torch.device(args.device)
